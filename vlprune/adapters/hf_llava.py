@@ -1,0 +1,728 @@
+"""Seams of transformers' LlavaForConditionalGeneration (LLaVA-1.5) and LlavaNextForConditionalGeneration (AnyRes).
+
+Everything here is torch hooks on the host's own modules (transformers 5.x): the attention kernel is never
+switched, no class is patched, and ``remove`` takes every hook off again.
+
+Hook points (see the class docstring of each hook):
+- vision tower: a pre-hook per encoder layer (tokens per layer) and forward hooks on q_proj / k_proj of the ViT
+  layers a method asks for (the CLS row's attention logits, computed for that row only);
+- multimodal model (``model.model``): a pre-hook that notes where the image tokens are in this call;
+- projector: a forward hook that counts rows (and, for PROJECTOR methods, the swapped-in module);
+- decoder (``language_model``): a pre-hook that applies PRE_LLM selections to ``inputs_embeds`` in prefill and
+  builds per-layer masks and positions for calls that continue a pruned cache; a forward hook that closes the
+  prefill (cache bookkeeping, KV_CACHE evictions);
+- each decoder layer: a pre-hook that prunes at the layers a method names and hands later layers the sliced
+  mask, RoPE cos/sin and position ids; q_proj / k_proj hooks on the layers a method scores with.
+
+Legend: B batch, T sequence, N visual tokens, D hidden, H heads, K kept.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import types
+import warnings
+import weakref
+
+import torch
+
+from .. import cost
+from ..methods.base import (
+    TOKEN_CLS,
+    TOKEN_NEWLINE,
+    TOKEN_PATCH,
+    CacheContext,
+    Compose,
+    HostInfo,
+    ImageLayout,
+    ImageTokens,
+    LayerContext,
+    Partition,
+    Stage,
+)
+from ..ops import attention_rows as _attention_rows
+from ..ops import cls_logits_from_qk, repeat_kv
+from ..state import CacheRecord, Selection, SeqState, causal_mask, gather_rows
+from .base import register_adapter
+
+
+def _parts(method) -> list:
+    return list(method.methods) if isinstance(method, Compose) else [method]
+
+
+def _vision_layers_of(tower):
+    for path in ("encoder.layers", "vision_model.encoder.layers"):
+        obj = tower
+        try:
+            for name in path.split("."):
+                obj = getattr(obj, name)
+            return obj
+        except AttributeError:
+            continue
+    raise TypeError(
+        f"vision tower {type(tower).__name__} has no encoder.layers; vlprune's VISION seams support CLIP/SigLIP-style "
+        f"towers from transformers"
+    )
+
+
+@register_adapter
+class HFLlavaAdapter:
+    """transformers ``LlavaForConditionalGeneration`` and ``LlavaNextForConditionalGeneration``."""
+
+    supported = "transformers LlavaForConditionalGeneration, LlavaNextForConditionalGeneration"
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+        return isinstance(model, (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration))
+
+    def __init__(self, model):
+        from transformers import LlavaNextForConditionalGeneration
+
+        self.model = model
+        self.base = model.model
+        self.config = model.config
+        self.anyres = isinstance(model, LlavaNextForConditionalGeneration)
+        self.text = self.base.language_model
+        self.layers = self.text.layers
+        self.vision = self.base.vision_tower
+        self.vision_layers = _vision_layers_of(self.vision)
+        self.tcfg = self.config.text_config
+        self.vcfg = self.config.vision_config
+        fl = self.config.vision_feature_layer
+        fl = fl[-1] if isinstance(fl, (list, tuple)) else fl
+        nv = len(self.vision_layers)
+        self.feature_layer = nv + fl if fl < 0 else fl - 1  # 0-based ViT layer whose output the host uses
+        self.strategy = self.config.vision_feature_select_strategy
+        self.side = self.vcfg.image_size // self.vcfg.patch_size
+        attn0 = self.layers[0].self_attn
+        self._rope = getattr(sys.modules[type(attn0).__module__], "apply_rotary_pos_emb", None)
+        self.info = HostInfo(
+            n_layers=len(self.layers),
+            n_vision_layers=nv,
+            vision_feature_layer=self.feature_layer,
+            n_heads=self.tcfg.num_attention_heads,
+            n_kv_heads=getattr(self.tcfg, "num_key_value_heads", None) or self.tcfg.num_attention_heads,
+            hidden_size=self.tcfg.hidden_size,
+            anyres=self.anyres,
+        )
+
+    # ------------------------------------------------------------------------------------------------ layouts
+    def layouts(self, n_images: int, image_sizes) -> list[ImageLayout]:
+        """Where each visual token of each image comes from, in the order the host packs them."""
+        if not self.anyres:
+            s = self.side
+            if self.strategy == "full":
+                kind = torch.cat([torch.tensor([TOKEN_CLS]), torch.full((s * s,), TOKEN_PATCH)])
+                vit = torch.arange(s * s + 1)
+                grid_tokens = torch.arange(1, s * s + 1)
+            else:
+                kind = torch.full((s * s,), TOKEN_PATCH)
+                vit = torch.arange(1, s * s + 1)
+                grid_tokens = torch.arange(s * s)
+            lay = ImageLayout(kind=kind, crop=torch.zeros_like(kind), vit_index=vit,
+                              partitions=[Partition("image", grid_tokens, (s, s))], n_crops=1)
+            return [lay] * n_images
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT inputs need image_sizes (the processor returns them); got None")
+        return [self._anyres_layout(sz) for sz in torch.as_tensor(image_sizes).tolist()]
+
+    def _anyres_layout(self, image_size) -> ImageLayout:
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            image_size_to_num_patches,
+            unpad_image,
+        )
+
+        if self.strategy != "default":
+            raise ValueError(
+                f"vlprune supports LLaVA-NeXT with vision_feature_select_strategy='default'; got {self.strategy!r}"
+            )
+        s = self.side
+        pinpoints = self.config.image_grid_pinpoints
+        n_crops = image_size_to_num_patches(image_size, pinpoints, self.vcfg.image_size)
+        base_vit = torch.arange(1, s * s + 1)
+        kinds, crops, vits, grids = [torch.full((s * s,), TOKEN_PATCH)], [torch.zeros(s * s, dtype=torch.long)], [base_vit], []
+        parts = [Partition("base", torch.arange(s * s), (s, s))]
+        if n_crops > 1:
+            nph, npw = get_anyres_image_grid_shape(image_size, pinpoints, self.vcfg.image_size)
+            r = torch.arange(nph * s)[:, None].expand(nph * s, npw * s)
+            c = torch.arange(npw * s)[None, :].expand(nph * s, npw * s)
+            crop = 1 + (r // s) * npw + (c // s)
+            vit = 1 + (r % s) * s + (c % s)
+            idx = torch.stack([crop, vit, r // s, c // s]).float()  # (4, H, W), unpadded exactly as the host does
+            idx = unpad_image(idx, torch.tensor(image_size)).long()
+            hh, ww = idx.shape[1:]
+            full = torch.full((4, hh, ww + 1), -1, dtype=torch.long)
+            full[:, :, :ww] = idx
+            kind = torch.full((hh, ww + 1), TOKEN_PATCH)
+            kind[:, ww] = TOKEN_NEWLINE
+            kinds.append(kind.reshape(-1))
+            crops.append(full[0].reshape(-1))
+            vits.append(full[1].reshape(-1))
+            cg = full[2:].reshape(2, -1).T
+            grids.append(cg)
+            pos = torch.arange(hh * (ww + 1)).reshape(hh, ww + 1)[:, :ww].reshape(-1) + s * s
+            parts.append(Partition("grid", pos, (hh, ww)))
+        else:  # a single view: the base image and one newline
+            kinds.append(torch.tensor([TOKEN_NEWLINE]))
+            crops.append(torch.tensor([-1]))
+            vits.append(torch.tensor([-1]))
+        kind = torch.cat(kinds)
+        crop_grid = torch.full((kind.numel(), 2), -1, dtype=torch.long)
+        if grids:
+            crop_grid[s * s :] = grids[0]
+        return ImageLayout(kind=kind, crop=torch.cat(crops), vit_index=torch.cat(vits), partitions=parts,
+                           n_crops=n_crops, crop_grid=crop_grid)
+
+    # ------------------------------------------------------------------------------------------------ attach
+    def attach(self, state) -> None:
+        method = state.method
+        parts = _parts(method)
+        method.check(self.info)
+        n = self.info.n_layers
+        self.vit_layers = sorted(
+            {(l + self.info.n_vision_layers) % self.info.n_vision_layers
+             for l in method.vision_layers(self.info.n_vision_layers, self.feature_layer)}
+        )
+        self.prune_at = {}
+        for p in parts:
+            for l in p.prune_layers(n):
+                if not 1 <= l < n:
+                    raise ValueError(
+                        f"{p.name}: pruning layer {l} is outside 1..{n - 1} for this {n}-layer decoder "
+                        f"(layer 0 cannot be pruned inside the decoder; prune before it with a PRE_LLM method)"
+                    )
+                self.prune_at.setdefault(l, []).append(p)
+        self.score_at = sorted({l for p in parts for l in p.score_layers(n)})
+        for l in self.score_at:
+            if not 0 <= l < n:
+                raise ValueError(f"score layer {l} is outside 0..{n - 1} for this {n}-layer decoder")
+        self.pre_parts = [p for p in parts if Stage.PRE_LLM in p.stages or Stage.PROJECTOR in p.stages]
+        self.kv_parts = [p for p in parts if Stage.KV_CACHE in p.stages]
+        self.positions = method.positions
+        if self.positions not in ("original", "contiguous"):
+            raise ValueError(f"rope positions must be 'original' or 'contiguous'; got {self.positions!r}")
+
+        h = state.handles
+        # projector swap (PROJECTOR stage)
+        proj = method.build_projector(self.model, self.base.multi_modal_projector)
+        if proj is not None:
+            original = self.base.multi_modal_projector
+            self.base.multi_modal_projector = proj
+            state.restore.append(lambda: setattr(self.base, "multi_modal_projector", original))
+        h.append(self.base.multi_modal_projector.register_forward_hook(self._projector_hook(state)))
+        # image sizes: generate encodes images before the forward and drops image_sizes from it, so they are noted
+        # where the host's own get_image_features receives them (an instance attribute, deleted by remove)
+        original_gif = self.base.get_image_features
+
+        @functools.wraps(original_gif)
+        def get_image_features(*args, **kwargs):
+            pv = kwargs.get("pixel_values", args[0] if args else None)
+            sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
+            state.image_call = {"image_sizes": sizes, "n_images": None if pv is None else int(pv.shape[0])}
+            return original_gif(*args, **kwargs)
+
+        self.base.get_image_features = get_image_features
+        state.restore.append(lambda: delattr(self.base, "get_image_features"))
+        # vision tower
+        h.append(self.vision.register_forward_pre_hook(self._vision_pre(state)))
+        for i, layer in enumerate(self.vision_layers):
+            h.append(layer.register_forward_pre_hook(self._vision_layer_pre(state)))
+        for l in self.vit_layers:
+            attn = self.vision_layers[l].self_attn
+            h.append(attn.q_proj.register_forward_hook(self._vit_q(state, l)))
+            h.append(attn.k_proj.register_forward_hook(self._vit_k(state, l, attn)))
+        # multimodal model, decoder, layers, lm_head
+        h.append(self.base.register_forward_pre_hook(self._mm_pre(state), with_kwargs=True))
+        h.append(self.text.register_forward_pre_hook(self._text_pre(state), with_kwargs=True))
+        h.append(self.text.register_forward_hook(self._text_post(state), with_kwargs=True))
+        for i, layer in enumerate(self.layers):
+            h.append(layer.register_forward_pre_hook(self._layer_pre(state, i), with_kwargs=True))
+        for l in self.score_at:
+            attn = self.layers[l].self_attn
+            h.append(attn.q_proj.register_forward_hook(self._llm_capture(state, l, "q")))
+            h.append(attn.k_proj.register_forward_hook(self._llm_capture(state, l, "k")))
+        h.append(self.model.lm_head.register_forward_hook(self._lm_head_hook(state)))
+
+    # ------------------------------------------------------------------------------------------------ vision
+    def _vision_pre(self, state):
+        def hook(mod, args):
+            if state.run.llm:
+                state.new_run()
+            state.vision_logits = {}
+            state._vision_q = {}
+            pv = args[0] if args else None
+            batch = int(pv.shape[0]) if pv is not None else 0
+            state.run.vision.append(cost.VisionCall(batch=batch, tokens_per_layer=[]))
+
+        return hook
+
+    def _vision_layer_pre(self, state):
+        def hook(mod, args):
+            if state.run.vision:
+                state.run.vision[-1].tokens_per_layer.append(int(args[0].shape[1]))
+
+        return hook
+
+    def _vit_q(self, state, layer):
+        def hook(mod, args, out):
+            state._vision_q[layer] = out
+
+        return hook
+
+    def _vit_k(self, state, layer, attn):
+        heads = getattr(attn, "num_heads", None) or self.vcfg.num_attention_heads
+        scale = getattr(attn, "scale", None) or (attn.head_dim**-0.5)
+
+        def hook(mod, args, out):
+            q = state._vision_q.pop(layer, None)
+            if q is None:
+                return
+            logits = cls_logits_from_qk(q, out, heads, scale)  # (Bv, H, S)
+            state.vision_logits[layer] = logits.detach()
+            b, s, hd_all = out.shape
+            state.run.scoring_flops += 2.0 * b * s * hd_all
+
+        return hook
+
+    def _projector_hook(self, state):
+        def hook(mod, args, out):
+            x = args[0]
+            state.run.projector_rows += int(x.numel() // x.shape[-1])
+
+        return hook
+
+    # ------------------------------------------------------------------------------------------------ multimodal input
+    def _mm_pre(self, state):
+        image_id = self.config.image_token_id
+
+        def hook(mod, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            has_images = kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None
+            state.pending = None
+            if not has_images:
+                return None
+            if ids is not None:
+                mask = ids == image_id
+            else:
+                emb = kwargs.get("inputs_embeds")
+                tok = mod.get_input_embeddings()(torch.tensor(image_id, device=emb.device))
+                mask = (emb == tok).all(-1)
+            if bool(mask.any()):
+                noted = state.image_call or {}
+                sizes = kwargs.get("image_sizes")
+                sizes = noted.get("image_sizes") if sizes is None else sizes
+                state.pending = {"image_mask": mask, "image_sizes": sizes, "n_images": noted.get("n_images")}
+            return None
+
+        return hook
+
+    # ------------------------------------------------------------------------------------------------ decoder input
+    def _text_pre(self, state):
+        def hook(mod, args, kwargs):
+            emb = kwargs.get("inputs_embeds")
+            if emb is None:
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                emb_len, bsz = ids.shape[1], ids.shape[0]
+            else:
+                bsz, emb_len = emb.shape[:2]
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            pending, state.pending = state.pending, None
+            call = {"mode": "pass", "q": [0] * len(self.layers), "kv": [0] * len(self.layers), "batch": bsz}
+            state.call = call
+            rec = state.record_for(cache)
+            past = 0 if cache is None else _real_len(cache, 0)
+            if rec is not None:
+                if pending is not None:
+                    warnings.warn(
+                        "vlprune: this call adds images to a conversation whose cache was pruned; the new images pass "
+                        "unpruned (pruning applies to the prompt that starts a cache)",
+                        stacklevel=2,
+                    )
+                return self._continue(state, rec, call, kwargs, emb_len)
+            if past > 0 or pending is None:
+                if pending is not None:
+                    warnings.warn(
+                        "vlprune: images in a call that continues an unpruned cache pass unpruned",
+                        stacklevel=2,
+                    )
+                    state.run.notes.append("images continued an unpruned cache: not pruned")
+                return None
+            # a fresh prefill with images
+            if state.run.llm:
+                vis = state.run.vision
+                state.new_run()
+                state.run.vision = vis[-1:] if vis else []
+            return self._prefill(state, call, kwargs, pending, emb, cache)
+
+        return hook
+
+    def _prefill(self, state, call, kwargs, pending, emb, cache):
+        img_mask = pending["image_mask"].to(emb.device)  # (B, T)
+        am = kwargs.get("attention_mask")
+        if am is not None and am.dim() != 2:
+            raise ValueError(
+                f"vlprune needs a 2-D attention_mask (B, T) in prefill; got shape {tuple(am.shape)}. "
+                f"Pass the processor's attention_mask unchanged."
+            )
+        b, t, _ = emb.shape
+        valid = am.bool() if am is not None else torch.ones(b, t, dtype=torch.bool, device=emb.device)
+        left = am is None or bool(am[:, -1].all())
+        call.update(mode="prefill", left=left, prompt_len=t, cache=None if cache is None else weakref.ref(cache))
+        state.run.images = []
+
+        images = self._split_images(state, pending, emb, img_mask)
+        changed = False
+        keep_lists = []
+        new_feats = {}  # (sample, prompt position) -> feature row
+        for b_i in range(b):
+            keep_lists.append([(~img_mask[b_i]).nonzero().squeeze(1)])
+        for img, span in images:
+            sel_keep = torch.arange(img.n)
+            feats = None
+            merged = None
+            cur = img
+            for p in self.pre_parts:
+                s = p.select(cur)
+                if s is None:
+                    continue
+                k = s.keep.cpu()
+                if s.features is not None:
+                    feats = s.features
+                    merged_full = torch.full((img.n,), -1, dtype=torch.long)
+                    if s.merged_from is not None:
+                        mf = s.merged_from.cpu()
+                        merged_full[sel_keep[mf >= 0]] = sel_keep[k[mf[mf >= 0]]]
+                    merged = merged_full
+                elif feats is not None:
+                    feats = feats[k.to(feats.device)]
+                sel_keep = sel_keep[k]
+                cur = cur.subset(k, s.features)
+            dropped = sel_keep.numel() < img.n or feats is not None
+            changed |= dropped
+            pos = span[sel_keep.to(span.device)]
+            keep_lists[img.sample].append(pos)
+            if feats is not None:
+                for j, ppos in enumerate(pos.tolist()):
+                    new_feats[(img.sample, ppos)] = feats[j]
+            state.run.images.append(
+                {"sample": img.sample, "visual_tokens": img.n, "kept": int(sel_keep.numel()), "kept_indices": sel_keep,
+                 "merged_into": merged}
+            )
+        seq = SeqState(
+            original=torch.arange(t, device=emb.device)[None].expand(b, t).clone(),
+            valid=valid,
+            visual=img_mask.clone(),
+        )
+        state.seq = seq
+        call["changed_pre"] = changed
+        if not changed:
+            call["decoder_prompt_len"] = t
+            return None
+        keeps = [torch.cat(k).sort().values for k in keep_lists]
+        sel = Selection.from_lists(keeps, valid, left=left)
+        new_emb = sel.apply(emb)
+        if new_feats:
+            for (s_i, ppos), f in new_feats.items():
+                col = int((sel.idx[s_i] == ppos).nonzero()[0, 0])
+                new_emb[s_i, col] = f.to(new_emb.dtype)
+        seq.advance(sel)
+        kwargs["inputs_embeds"] = new_emb
+        kwargs.pop("input_ids", None)
+        kwargs["attention_mask"] = sel.valid.long()  # explicit: positions may have gaps (no packed-sequence guess)
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = torch.arange(t, device=emb.device)[None]
+        if self.positions == "original":
+            kwargs["position_ids"] = torch.where(sel.idx >= 0, sel.apply(pos.expand(b, -1)), 0)
+        else:
+            kwargs["position_ids"] = None
+        call["decoder_prompt_len"] = new_emb.shape[1]
+        return (), kwargs
+
+    def _split_images(self, state, pending, emb, img_mask):
+        """Cut the image tokens of the prompt into per-image spans with their layouts and vision scores."""
+        b = emb.shape[0]
+        counts = img_mask.sum(1).tolist()
+        total = int(sum(counts))
+        sizes = pending.get("image_sizes")
+        n_images = pending.get("n_images")
+        if self.anyres:
+            n_images = len(sizes) if sizes is not None else n_images
+        elif n_images is None:
+            n_images = total // self.layouts(1, None)[0].n
+        layouts = self.layouts(n_images, sizes)
+        if sum(l.n for l in layouts) != total:
+            raise ValueError(
+                f"image tokens and image features do not line up: tokens: {total}, features: "
+                f"{sum(l.n for l in layouts)} ({[l.n for l in layouts]} per image)"
+            )
+        crop_offsets, off = [], 0
+        for lay in layouts:
+            crop_offsets.append(off)
+            off += lay.n_crops
+        out, img_i = [], 0
+        for s in range(b):
+            positions = img_mask[s].nonzero().squeeze(1)
+            used = 0
+            while used < positions.numel():
+                lay = layouts[img_i]
+                span = positions[used : used + lay.n]
+                used += lay.n
+                co, nc = crop_offsets[img_i], lay.n_crops
+
+                def vision(layer, co=co, nc=nc):
+                    l0 = (layer + self.info.n_vision_layers) % self.info.n_vision_layers
+                    if l0 not in state.vision_logits:
+                        raise RuntimeError(
+                            f"ViT layer {layer} attention was not captured; captured: {sorted(state.vision_logits)}. "
+                            f"List it in the method's vision_layers()."
+                        )
+                    return state.vision_logits[l0][co : co + nc]
+
+                out.append((ImageTokens(features=emb[s, span], layout=lay, sample=s, index=img_i,
+                                        _vision=vision if state.vision_logits else None), span))
+                img_i += 1
+        return out
+
+    def _continue(self, state, rec, call, kwargs, q):
+        """A call on a pruned cache (decode step or a later turn): per-layer masks and positions."""
+        call.update(mode="continue", record=rec)
+        am = kwargs.get("attention_mask")
+        if am is not None and am.dim() != 2:
+            raise ValueError(f"vlprune needs a 2-D attention_mask when continuing a pruned cache; got {tuple(am.shape)}")
+        dtype = torch.bool if self.tcfg._attn_implementation != "eager" else self._dtype()
+        masks, by_prefix = [], {}
+        for l in range(len(self.layers)):
+            key = id(rec.prefix[l][0])
+            if key not in by_prefix:
+                cols, ok = rec.columns(l, am, q)
+                if q == 1 and bool(ok.all()) and dtype == torch.bool:
+                    by_prefix[key] = None
+                else:
+                    rows = torch.arange(rec.covered, rec.covered + q, device=cols.device)
+                    m = (cols[:, None, None, :] <= rows[None, None, :, None]) & ok[:, None, None, :]
+                    eye_col = cols.shape[1] - q + torch.arange(q, device=cols.device)
+                    m[:, 0, torch.arange(q), eye_col] = True
+                    by_prefix[key] = m if dtype == torch.bool else _additive(m, dtype)
+            masks.append(by_prefix[key])
+        call["masks"] = masks
+        kwargs["attention_mask"] = masks[0]
+        pos = kwargs.get("position_ids")
+        if pos is None and (rec.layer0_pruned or rec.positions == "contiguous"):
+            pos = torch.arange(rec.covered, rec.covered + q, device=masks[0].device if masks[0] is not None else None)[None]
+        if pos is not None and rec.positions == "contiguous" and rec.layer0_pruned:
+            pos = pos - rec.delta
+        if pos is not None:
+            kwargs["position_ids"] = pos
+        return args_none(), kwargs
+
+    def _dtype(self):
+        return next(self.text.parameters()).dtype
+
+    # ------------------------------------------------------------------------------------------------ decoder layers
+    def _layer_pre(self, state, i):
+        n_layers = len(self.layers)
+
+        def hook(mod, args, kwargs):
+            call = state.call
+            if call is None or call["mode"] == "pass":
+                if call is not None:
+                    self._note_lengths(call, i, args[0].shape[1], kwargs)
+                return None
+            hs = args[0]
+            if call["mode"] == "continue":
+                kwargs["attention_mask"] = call["masks"][i]
+                self._note_lengths(call, i, hs.shape[1], kwargs)
+                return None
+            seq = state.seq
+            for p in self.prune_at.get(i, []):
+                ctx = LayerContext(layer=i, n_layers=n_layers, hidden=hs, visual=seq.visual, valid=seq.valid,
+                                   last=_last_valid(seq.valid), attention_rows=self._rows_fn(state, hs.shape[1]))
+                keep = p.prune(ctx)
+                if keep is None:
+                    continue
+                lists, dropped = [], False
+                for b_i, kv in enumerate(keep):
+                    vis = seq.visual[b_i].nonzero().squeeze(1)
+                    if kv is None:
+                        kv = vis
+                    kv = torch.as_tensor(kv, dtype=torch.long, device=hs.device).reshape(-1)
+                    if kv.numel() and not bool(seq.visual[b_i, kv].all()):
+                        raise ValueError(f"{p.name}.prune returned indices that are not visual tokens at layer {i}")
+                    dropped |= kv.numel() < vis.numel()
+                    lists.append(torch.cat([(~seq.visual[b_i]).nonzero().squeeze(1), kv]).unique().sort().values)
+                if not dropped:
+                    continue
+                sel = Selection.from_lists(lists, seq.valid, left=call["left"])
+                hs = sel.apply(hs)
+                cos, sin = kwargs["position_embeddings"] if not seq.substitute else seq.position_embeddings
+                seq.position_embeddings = (sel.apply(cos), sel.apply(sin))
+                pos = kwargs.get("position_ids") if not seq.substitute else seq.position_ids
+                seq.position_ids = None if pos is None else sel.apply(pos)
+                mask = kwargs.get("attention_mask") if not seq.substitute else seq.attention_mask
+                if mask is None and sel.padded:
+                    seq.attention_mask = causal_mask(sel.valid, hs.shape[1], torch.bool)
+                else:
+                    seq.attention_mask = sel.apply_mask(mask)
+                seq.advance(sel)
+                seq.substitute = True
+            if seq.substitute:
+                kwargs["position_embeddings"] = seq.position_embeddings
+                kwargs["position_ids"] = seq.position_ids
+                kwargs["attention_mask"] = seq.attention_mask
+            seq.per_layer.append((seq.original, seq.valid, seq.visual))
+            if i in self.score_at:
+                cos, sin = kwargs["position_embeddings"]
+                seq.captures[i] = {"cos": cos, "sin": sin, "valid": seq.valid}
+            self._note_lengths(call, i, hs.shape[1], kwargs)
+            return (hs,) + tuple(args[1:]), kwargs
+
+        return hook
+
+    def _note_lengths(self, call, i, q, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        call["q"][i] = int(q)
+        call["kv"][i] = int(q) + (0 if cache is None else _real_len(cache, i))
+
+    def _llm_capture(self, state, layer, which):
+        def hook(mod, args, out):
+            call = state.call
+            if call is not None and call["mode"] == "prefill" and layer in state.seq.captures:
+                state.seq.captures[layer][which] = out
+
+        return hook
+
+    def _rows_fn(self, state, t_now):
+        def rows_fn(layer: int, rows: torch.Tensor) -> torch.Tensor:
+            cap = state.seq.captures.get(layer)
+            if cap is None or "k" not in cap:
+                raise RuntimeError(
+                    f"decoder layer {layer} attention was not captured; list it in the method's score_layers() "
+                    f"(captured: {sorted(state.seq.captures)})"
+                )
+            attn = self.layers[layer].self_attn
+            hd = attn.head_dim
+            b, t, _ = cap["k"].shape
+            q = cap["q"].view(b, t, -1, hd).transpose(1, 2)  # (B, H, T, hd)
+            k = cap["k"].view(b, t, -1, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+            cos, sin = cap["cos"], cap["sin"]
+            if cos.shape[0] != b:
+                cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+            rows = rows.to(q.device)
+            qr = gather_rows(q.transpose(1, 2), rows).transpose(1, 2)  # (B, H, R, hd)
+            qr, _ = self._rope(qr, qr, gather_rows(cos, rows), gather_rows(sin, rows))
+            k, _ = self._rope(k, k, cos, sin)
+            k = repeat_kv(k, attn.num_key_value_groups)
+            # rows index the captured layer's sequence; causal order and padding as that layer saw them
+            probs = _attention_rows(qr, k, rows, attn.scaling, key_valid=cap["valid"], causal=True)
+            state.run.scoring_flops += 2.0 * b * qr.shape[1] * rows.shape[1] * t * hd
+            return probs
+
+        return rows_fn
+
+    # ------------------------------------------------------------------------------------------------ after the decoder
+    def _text_post(self, state):
+        def hook(mod, args, kwargs, out):
+            call, state.call = state.call, None
+            if call is None:
+                return None
+            state.run.llm.append(cost.LLMCall(batch=call["batch"], q_per_layer=list(call["q"]),
+                                              kv_per_layer=list(call["kv"]), lm_head_rows=0))
+            if call["mode"] == "continue":
+                call["record"].covered += call["q"][0]
+                return None
+            if call["mode"] != "prefill":
+                return None
+            seq = state.seq
+            run = state.run
+            run.visual_per_layer = [v.sum(1).tolist() for (_, _, v) in seq.per_layer]
+            run.tokens_per_layer = [v.sum(1).tolist() for (_, v, _) in seq.per_layer]
+            last_o, _, last_v = seq.per_layer[-1]
+            run.kept_positions = [last_o[b_i][last_v[b_i]].cpu() for b_i in range(last_o.shape[0])]
+            seq.captures.clear()
+            cache = out.get("cache", out.get("past_key_values")) if hasattr(out, "get") else None
+            if cache is None or not (call["changed_pre"] or seq.substitute or self.kv_parts):
+                return None
+            prefix = list(seq.per_layer)
+            rec = CacheRecord(cache=weakref.ref(cache), prompt_len=call["prompt_len"], covered=call["prompt_len"],
+                              prefix=prefix, delta=call["prompt_len"] - call["decoder_prompt_len"],
+                              layer0_pruned=call["changed_pre"], positions=self.positions)
+            self._evict(state, rec, cache)
+            if rec.layer0_pruned:
+                _report_original_length(cache, rec)
+            state.records.append(rec)
+            return None
+
+        return hook
+
+    def _evict(self, state, rec, cache):
+        for p in self.kv_parts:
+            ctx = CacheContext(n_layers=len(self.layers), visual=[x[2] for x in rec.prefix],
+                               valid=[x[1] for x in rec.prefix], original=[x[0] for x in rec.prefix])
+            plan = p.evict(ctx)
+            if not plan:
+                continue
+            for l, keep in plan.items():
+                orig, valid, visual = rec.prefix[l]
+                lists = []
+                for b_i, kv in enumerate(keep):
+                    kv = torch.as_tensor(kv, dtype=torch.long, device=orig.device).reshape(-1)
+                    lists.append(kv.unique().sort().values)
+                sel = Selection.from_lists(lists, valid, left=True)
+                layer = cache.layers[l]
+                layer.keys = sel.apply(layer.keys, dim=2)
+                layer.values = sel.apply(layer.values, dim=2)
+                new_orig = torch.where(sel.idx >= 0, sel.apply(orig), torch.full_like(sel.idx, -1))
+                rec.prefix[l] = (new_orig, sel.valid, sel.apply(visual) & sel.valid)
+                state.run.evicted[l] = [int(v.sum()) - int(n.sum()) for v, n in zip(valid, sel.valid)]
+                if l == 0:
+                    rec.layer0_pruned = True
+
+    def _lm_head_hook(self, state):
+        def hook(mod, args, out):
+            if state.run.llm:
+                state.run.llm[-1].lm_head_rows = int(args[0].shape[1])
+
+        return hook
+
+
+def args_none():
+    return ()
+
+
+def _additive(m: torch.Tensor, dtype) -> torch.Tensor:
+    out = torch.zeros(m.shape, dtype=dtype, device=m.device)
+    return out.masked_fill(~m, torch.finfo(dtype).min)
+
+
+def _last_valid(valid: torch.Tensor) -> torch.Tensor:
+    t = valid.shape[1]
+    ar = torch.arange(t, device=valid.device)[None].expand_as(valid)
+    return torch.where(valid, ar, -1).max(1).values
+
+
+def _real_len(cache, layer: int) -> int:
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer >= len(layers):
+        return 0
+    return layers[layer].get_seq_length()
+
+
+def _report_original_length(cache, rec: CacheRecord) -> None:
+    """Make ``cache.get_seq_length()`` report the prompt-frame length the cache covers.
+
+    ``generate`` reads it to decide which tokens of a later turn are new; after pruning before the decoder the
+    tensors hold fewer entries than the conversation has tokens. Only this cache object is changed.
+    """
+    real = type(cache).get_seq_length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        r = rec
+        if layer_idx == 0 and r.cache() is self:
+            return r.covered
+        return real(self, layer_idx)
+
+    cache.get_seq_length = types.MethodType(get_seq_length, cache)

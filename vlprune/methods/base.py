@@ -1,0 +1,350 @@
+"""Stages, the Method base class, composition, and the inputs each stage hands to a method.
+
+Legend for shape comments: B batch, N visual tokens of one image, T sequence, D hidden, H heads, K kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+import torch
+
+from ..budget import Budget, as_budget
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+
+class Stage(str, Enum):
+    """Where a method acts. A multi-stage method is a composition of stages."""
+
+    VISION = "vision"  # inside the vision tower: CLS attention rows of chosen ViT layers, token merging
+    PRE_LLM = "pre_llm"  # after the projector, before the decoder: select or merge visual tokens per image
+    LLM_LAYER = "llm_layer"  # at decoder layer K in prefill: drop visual tokens from then on (KV cache included)
+    KV_CACHE = "kv_cache"  # after prefill / during decoding: evict cached visual keys and values
+    PROJECTOR = "projector"  # replace the projector by a learned compressor that emits m tokens per image
+
+    def __str__(self) -> str:  # pragma: no cover - cosmetic
+        return self.value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a PRE_LLM stage sees: one image's projected tokens with their layout and the vision tower's scores.
+
+TOKEN_PATCH, TOKEN_NEWLINE, TOKEN_CLS = 0, 1, 2
+
+
+@dataclass
+class Partition:
+    """A rectangular grid of an image's tokens: the whole image (LLaVA-1.5), or AnyRes' base image / crop grid."""
+
+    name: str
+    tokens: torch.Tensor  # (h*w,) token indices (into the image's N tokens) in raster order
+    grid: tuple[int, int]  # (h, w)
+
+
+@dataclass
+class ImageLayout:
+    """Where each of an image's N visual tokens comes from.
+
+    kind: (N,) TOKEN_PATCH / TOKEN_NEWLINE / TOKEN_CLS.  crop: (N,) index of the vision-tower input (0 = the only
+    image for LLaVA-1.5; 0 = base image, 1.. = crops for LLaVA-NeXT) or -1.  vit_index: (N,) index of the token in
+    that crop's ViT sequence (CLS = 0, patch p = p + 1) or -1 for newline tokens.  partitions: the grids.
+    crop_grid: (N,) for AnyRes grid tokens the (row, col) of the crop tile, else (-1, -1) — (N, 2).
+    """
+
+    kind: torch.Tensor
+    crop: torch.Tensor
+    vit_index: torch.Tensor
+    partitions: list[Partition]
+    n_crops: int
+    crop_grid: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.kind.shape[0])
+
+    def subset(self, keep: torch.Tensor) -> "ImageLayout":
+        """Layout of the kept tokens (keep: (K,) ascending). Grids of partitions become token lists of kept members."""
+        remap = torch.full((self.n,), -1, dtype=torch.long)
+        remap[keep.cpu()] = torch.arange(keep.numel())
+        parts = []
+        for p in self.partitions:
+            t = remap[p.tokens.cpu()]
+            parts.append(Partition(p.name, t[t >= 0], p.grid if bool((t >= 0).all()) else (-1, -1)))
+        return ImageLayout(
+            kind=self.kind[keep.cpu()],
+            crop=self.crop[keep.cpu()],
+            vit_index=self.vit_index[keep.cpu()],
+            partitions=parts,
+            n_crops=self.n_crops,
+            crop_grid=None if self.crop_grid is None else self.crop_grid[keep.cpu()],
+        )
+
+
+@dataclass
+class ImageTokens:
+    """One image's visual tokens as they enter the decoder.
+
+    features: (N, D) projected features (the decoder's input embeddings for this image).
+    layout: where each token comes from.  ``cls_logits(layer)`` gives the vision tower's CLS attention logits.
+    """
+
+    features: torch.Tensor
+    layout: ImageLayout
+    sample: int  # batch row the image belongs to
+    index: int  # image index over the whole batch
+    _vision: Callable[[int], torch.Tensor] | None = None  # layer -> (n_crops, H, S) CLS logits of this image's crops
+    _vision_layers: int = 0
+
+    @property
+    def n(self) -> int:
+        return int(self.features.shape[0])
+
+    def cls_logits(self, layer: int) -> torch.Tensor:
+        """Pre-softmax CLS->token attention logits of ViT layer ``layer`` (0-based, negative counts from the end),
+        gathered per visual token: (H, N) float32; NaN for tokens without a ViT source (newline tokens)."""
+        if self._vision is None:
+            raise RuntimeError(
+                "no vision-tower attention was captured for this image; the method must list the ViT layers it needs "
+                "in vision_layers()"
+            )
+        raw = self._vision(layer)  # (n_crops, H, S)
+        lay = self.layout
+        ok = lay.vit_index >= 0
+        out = torch.full((raw.shape[1], lay.n), float("nan"), dtype=torch.float32)
+        out[:, ok] = raw[lay.crop[ok], :, lay.vit_index[ok]].T.float().cpu()
+        return out
+
+    def cls_attention(self, layer: int, reduce: str = "mean") -> torch.Tensor:
+        """Softmax CLS attention (softmax over each crop's ViT sequence), reduced over heads: (N,)."""
+        raw = self._vision(layer) if self._vision is not None else None
+        if raw is None:
+            return self.cls_logits(layer)
+        probs = torch.softmax(raw.float(), dim=-1)  # (n_crops, H, S)
+        lay = self.layout
+        ok = lay.vit_index >= 0
+        per_head = torch.full((raw.shape[1], lay.n), float("nan"), dtype=torch.float32)
+        per_head[:, ok] = probs[lay.crop[ok], :, lay.vit_index[ok]].T.cpu()
+        if reduce == "mean":
+            return per_head.mean(0)
+        if reduce == "sum":
+            return per_head.sum(0)
+        raise ValueError(f"reduce must be 'mean' or 'sum'; got {reduce!r}")
+
+    def subset(self, keep: torch.Tensor, features: torch.Tensor | None = None) -> "ImageTokens":
+        return dataclasses.replace(
+            self,
+            features=self.features[keep.to(self.features.device)] if features is None else features,
+            layout=self.layout.subset(keep),
+        )
+
+
+@dataclass
+class ImageSelection:
+    """A PRE_LLM result for one image: kept token indices (K,) ascending, and optionally new features (K, D)
+    that replace the kept tokens' features (merging methods). ``positions`` names the RoPE policy."""
+
+    keep: torch.Tensor
+    features: torch.Tensor | None = None
+    merged_from: torch.Tensor | None = None  # (N,) index of the kept slot each input token was merged into, or -1
+
+    def __post_init__(self):
+        self.keep = torch.as_tensor(self.keep, dtype=torch.long).reshape(-1)
+        if self.keep.numel() and bool((self.keep[1:] <= self.keep[:-1]).any()):
+            raise ValueError("ImageSelection.keep must be strictly increasing token indices")
+        if self.features is not None and self.features.shape[0] != self.keep.numel():
+            raise ValueError(
+                f"ImageSelection.features must have one row per kept token: features {tuple(self.features.shape)}, "
+                f"keep {self.keep.numel()}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What an LLM_LAYER stage sees.
+
+
+@dataclass
+class LayerContext:
+    """The prefill sequence as it enters decoder layer ``layer``.
+
+    hidden: (B, T, D); visual: (B, T) bool, visual tokens still present; valid: (B, T) bool, not padding;
+    last: (B,) index of each sample's last valid token.  ``attention_rows(layer, rows)`` returns softmax attention
+    probabilities (B, H, R, T) of the chosen query rows of an earlier layer of this prefill, computed from that
+    layer's own q/k (captured by hooks, SDPA untouched) for those rows only.
+    """
+
+    layer: int
+    n_layers: int
+    hidden: torch.Tensor
+    visual: torch.Tensor
+    valid: torch.Tensor
+    last: torch.Tensor
+    attention_rows: Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class CacheContext:
+    """The KV cache right after prefill. For each decoder layer l: ``visual[l]`` (B, L_l) bool marks cached
+    visual tokens, ``valid[l]`` (B, L_l) padding, ``original[l]`` (B, L_l) their positions in the prompt."""
+
+    n_layers: int
+    visual: list[torch.Tensor]
+    valid: list[torch.Tensor]
+    original: list[torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Method:
+    """Base class of every method: a dataclass of the paper's hyperparameters.
+
+    Subclasses set ``name`` and ``stages`` and override the hooks of the stages they use:
+    VISION: ``vision_layers``; PRE_LLM: ``select``; LLM_LAYER: ``prune_layers``, ``score_layers``, ``prune``;
+    KV_CACHE: ``evict``; PROJECTOR: ``build_projector`` (with ``select`` to keep the m emitted tokens).
+    ``positions`` is the RoPE policy of tokens kept before the decoder: "original" keeps each kept token's position
+    in the unpruned prompt, "contiguous" renumbers the shortened prompt 0..T'-1 (as LLaVA-codebase pre-LLM methods do).
+    """
+
+    name: ClassVar[str] = ""
+    stages: ClassVar[tuple[Stage, ...]] = ()
+    paper: ClassVar[str] = ""
+
+    # -- VISION
+    def vision_layers(self, n_vision_layers: int, feature_layer: int) -> list[int]:
+        """0-based ViT layers whose CLS attention rows this method needs (``feature_layer`` = the host's)."""
+        return []
+
+    # -- PRE_LLM
+    def select(self, image: ImageTokens) -> ImageSelection | None:
+        """Kept tokens of one image, or None to keep all."""
+        return None
+
+    @property
+    def positions(self) -> str:
+        return getattr(self, "rope_positions", "contiguous")
+
+    # -- LLM_LAYER
+    def prune_layers(self, n_layers: int) -> list[int]:
+        """0-based decoder layers at whose input this method drops visual tokens in prefill."""
+        return []
+
+    def score_layers(self, n_layers: int) -> list[int]:
+        """0-based decoder layers whose attention q/k this method reads (captured during prefill)."""
+        return []
+
+    def prune(self, ctx: LayerContext) -> list[torch.Tensor | None] | None:
+        """Per sample: indices (into ctx's sequence) of the visual tokens to keep, or None to keep all."""
+        return None
+
+    # -- KV_CACHE
+    def evict(self, ctx: CacheContext) -> dict[int, list[torch.Tensor]] | None:
+        """After prefill: {layer: per-sample indices into that layer's cache to keep}, or None."""
+        return None
+
+    # -- PROJECTOR
+    def build_projector(self, model: "nn.Module", original: "nn.Module") -> "nn.Module | None":
+        """A module to use in place of the host's projector while the method is applied, or None."""
+        return None
+
+    # -- checks against the host
+    def check(self, info: "HostInfo") -> None:
+        """Raise ValueError when the method cannot run on this host (e.g. a layer index out of range)."""
+
+    @property
+    def label(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr)
+        return f"{self.name}({fields})"
+
+
+@dataclass
+class HostInfo:
+    """Facts about the host model that methods check against."""
+
+    n_layers: int  # decoder layers
+    n_vision_layers: int
+    vision_feature_layer: int  # 0-based ViT layer whose output the host uses
+    n_heads: int
+    n_kv_heads: int
+    hidden_size: int
+    anyres: bool
+
+
+@dataclass
+class BudgetMixin:
+    """Budget fields shared by methods that keep a number of visual tokens."""
+
+    keep: int | None = None
+    keep_ratio: float | None = None
+    budget: Budget | None = field(default=None, repr=False)
+
+    def _init_budget(self, default: Budget | None = None) -> None:
+        b = as_budget(self.keep, self.keep_ratio, self.budget) or default
+        if b is None:
+            raise ValueError(f"{self.name} needs a budget: keep=<tokens> or keep_ratio=<share in (0, 1]>")
+        self.budget = b
+        self.keep, self.keep_ratio = b.keep, b.keep_ratio
+
+
+class Compose(Method):
+    """Several methods applied together, each at its own stages (e.g. pooling before the decoder and FastV in it).
+
+    PRE_LLM selections chain in order (the second sees what the first kept); LLM_LAYER prunes happen at each
+    method's layers; KV_CACHE evictions apply in order.
+    """
+
+    name = "compose"
+
+    def __init__(self, methods):
+        methods = list(methods)
+        if not methods:
+            raise ValueError("Compose needs at least one method")
+        flat = []
+        for m in methods:
+            flat.extend(m.methods if isinstance(m, Compose) else [m])
+        for m in flat:
+            if not isinstance(m, Method):
+                raise ValueError(f"Compose takes Method instances; got {type(m).__name__}: {m!r}")
+        if sum(1 for m in flat if Stage.PROJECTOR in m.stages) > 1:
+            raise ValueError("at most one PROJECTOR method can be composed (there is one projector)")
+        self.methods = flat
+
+    @property
+    def stages(self):  # type: ignore[override]
+        return tuple(dict.fromkeys(s for m in self.methods for s in m.stages))
+
+    @property
+    def positions(self) -> str:
+        pre = [m.positions for m in self.methods if Stage.PRE_LLM in m.stages or Stage.PROJECTOR in m.stages]
+        return pre[0] if pre else "original"
+
+    @property
+    def label(self) -> str:
+        return " + ".join(m.label for m in self.methods)
+
+    def __repr__(self) -> str:
+        return f"Compose({self.methods!r})"
+
+    def vision_layers(self, n_vision_layers, feature_layer):
+        return sorted({i for m in self.methods for i in m.vision_layers(n_vision_layers, feature_layer)})
+
+    def check(self, info):
+        for m in self.methods:
+            m.check(info)
+
+    def prune_layers(self, n_layers):
+        return sorted({i for m in self.methods for i in m.prune_layers(n_layers)})
+
+    def score_layers(self, n_layers):
+        return sorted({i for m in self.methods for i in m.score_layers(n_layers)})
+
+    def build_projector(self, model, original):
+        for m in self.methods:
+            p = m.build_projector(model, original)
+            if p is not None:
+                return p
+        return None
