@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny LLaVA-1.5 / LLaVA-NeXT models built from configs, and independent references.
+
+The references never use vlprune: a no-cache greedy loop on the unpatched model, with an explicit attention mask
+per decoder layer (dropped tokens masked) or with hand-built ``inputs_embeds`` (tokens removed before the decoder).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlprune.testing import synthetic_image, tiny_inputs, tiny_llava, tiny_llava_next
+
+torch.set_num_threads(2)
+
+HOSTS = ("llava", "llava_next")
+# methods that need more than a budget to be built in the contract tests
+METHOD_KWARGS = {"fastv": {"k": 2}}
+
+
+def build_host(host: str, attn: str = "sdpa", seed: int = 0):
+    return tiny_llava(seed=seed, attn=attn) if host == "llava" else tiny_llava_next(seed=seed, attn=attn)
+
+
+@pytest.fixture(scope="session")
+def hosts():
+    return {h: build_host(h) for h in HOSTS}
+
+
+def image_for(host: str, seed: int = 0, size=None):
+    if size is None:
+        size = (336, 336) if host == "llava" else (640, 480)
+    return synthetic_image(size, seed=seed)
+
+
+def inputs_for(host, processor, n=1, padding_side="left", sizes=None):
+    prompts = ["USER: <image>\nWhat is shown in this image? ASSISTANT:",
+               "USER: <image>\nHow many objects are there? Describe the picture in detail. ASSISTANT:"][:n]
+    if sizes is None:
+        sizes = [None, (480, 360) if host == "llava_next" else None][:n]
+    images = [image_for(host, seed=i, size=s) for i, s in zip(range(n), sizes)]
+    return tiny_inputs(processor, images, prompts, padding_side=padding_side)
+
+
+def greedy_reference(model, inputs, n_new, layer_mask=None, from_layer=0):
+    """Greedy decoding without a KV cache: every step runs the whole sequence again.
+
+    layer_mask(L) -> (B, 1, L, L) bool mask (True = attend) substituted in decoder layers >= from_layer.
+    """
+    ids = inputs["input_ids"]
+    am = inputs.get("attention_mask", torch.ones_like(ids))
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    layers = model.model.language_model.layers
+    handles = []
+    if layer_mask is not None:
+        def pre(mod, args, kwargs):
+            kwargs["attention_mask"] = layer_mask(args[0].shape[1])
+            return args, kwargs
+        handles = [l.register_forward_pre_hook(pre, with_kwargs=True) for i, l in enumerate(layers) if i >= from_layer]
+    out, logits = [], []
+    try:
+        with torch.no_grad():
+            for _ in range(n_new):
+                lg = model(input_ids=ids, attention_mask=am, use_cache=False, **extra).logits[:, -1]
+                nxt = lg.argmax(-1)
+                out.append(nxt)
+                logits.append(lg)
+                ids = torch.cat([ids, nxt[:, None]], 1)
+                am = torch.cat([am, torch.ones_like(nxt[:, None])], 1)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(out, 1), torch.stack(logits, 1)
+
+
+def drop_mask(am2d_fn, dropped: list[torch.Tensor]):
+    """Mask builder for greedy_reference: causal, padding masked, dropped prompt positions masked (their own rows
+    keep the diagonal). am2d_fn(L) -> (B, L) 2-D mask."""
+    def build(L):
+        am = am2d_fn(L).bool()
+        b = am.shape[0]
+        m = torch.tril(torch.ones(L, L, dtype=torch.bool))[None, None].repeat(b, 1, 1, 1)
+        m &= am[:, None, None, :]
+        for i, d in enumerate(dropped):
+            m[i, 0][:, d] = False
+        eye = torch.eye(L, dtype=torch.bool)[None, None]
+        dead = ~m.any(-1, keepdim=True)
+        return m | (dead & eye)
+    return build
+
+
+def embeds_reference(model, embeds, am, n_new):
+    """Greedy decoding without a KV cache from hand-built input embeddings (contiguous positions)."""
+    emb_layer = model.get_input_embeddings()
+    out = []
+    with torch.no_grad():
+        for _ in range(n_new):
+            lg = model(inputs_embeds=embeds, attention_mask=am, use_cache=False).logits[:, -1]
+            nxt = lg.argmax(-1)
+            out.append(nxt)
+            embeds = torch.cat([embeds, emb_layer(nxt)[:, None]], 1)
+            am = torch.cat([am, torch.ones_like(nxt[:, None])], 1)
+    return torch.stack(out, 1)
+
+
+def merged_embeddings(model, inputs):
+    """The decoder's input embeddings as the host builds them (image features scattered into placeholders)."""
+    with torch.no_grad():
+        kw = {"pixel_values": inputs["pixel_values"]}
+        if "image_sizes" in inputs:
+            kw["image_sizes"] = inputs["image_sizes"]
+        feats = torch.cat(list(model.model.get_image_features(**kw).pooler_output), 0)
+        emb = model.get_input_embeddings()(inputs["input_ids"])
+        mask = (inputs["input_ids"] == model.config.image_token_id)[..., None]
+        return emb.masked_scatter(mask, feats)
