@@ -88,17 +88,31 @@ def drop_mask(am2d_fn, dropped: list[torch.Tensor]):
     return build
 
 
-def embeds_reference(model, embeds, am, n_new):
-    """Greedy decoding without a KV cache from hand-built input embeddings (contiguous positions)."""
+def embeds_reference(model, embeds, am, n_new, layer_mask=None, from_layer=0):
+    """Greedy decoding without a KV cache from hand-built input embeddings (padding-aware contiguous positions).
+
+    layer_mask(L) -> (B, 1, L, L) bool mask substituted in decoder layers >= from_layer."""
     emb_layer = model.get_input_embeddings()
+    layers = model.model.language_model.layers
+    handles = []
+    if layer_mask is not None:
+        def pre(mod, args, kwargs):
+            kwargs["attention_mask"] = layer_mask(args[0].shape[1])
+            return args, kwargs
+        handles = [l.register_forward_pre_hook(pre, with_kwargs=True) for i, l in enumerate(layers) if i >= from_layer]
     out = []
-    with torch.no_grad():
-        for _ in range(n_new):
-            lg = model(inputs_embeds=embeds, attention_mask=am, use_cache=False).logits[:, -1]
-            nxt = lg.argmax(-1)
-            out.append(nxt)
-            embeds = torch.cat([embeds, emb_layer(nxt)[:, None]], 1)
-            am = torch.cat([am, torch.ones_like(nxt[:, None])], 1)
+    try:
+        with torch.no_grad():
+            for _ in range(n_new):
+                pos = (am.cumsum(-1) - 1).clamp(min=0)
+                lg = model(inputs_embeds=embeds, attention_mask=am, position_ids=pos, use_cache=False).logits[:, -1]
+                nxt = lg.argmax(-1)
+                out.append(nxt)
+                embeds = torch.cat([embeds, emb_layer(nxt)[:, None]], 1)
+                am = torch.cat([am, torch.ones_like(nxt[:, None])], 1)
+    finally:
+        for h in handles:
+            h.remove()
     return torch.stack(out, 1)
 
 

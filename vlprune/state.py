@@ -140,7 +140,7 @@ class CacheRecord:
     prompt_len: int  # length of the prompt in the original frame
     covered: int  # original-frame length the cache covers now (prompt + every token fed since)
     prefix: list
-    delta: int  # positions subtracted for the "contiguous" RoPE policy (prompt_len - decoder prompt length)
+    delta: torch.Tensor  # (B,) positions subtracted per sample under the "contiguous" RoPE policy (tokens dropped)
     layer0_pruned: bool
     positions: str
 

@@ -311,10 +311,8 @@ class HFLlavaAdapter:
                 tok = mod.get_input_embeddings()(torch.tensor(image_id, device=emb.device))
                 mask = (emb == tok).all(-1)
             if bool(mask.any()):
-                noted = state.image_call or {}
-                sizes = kwargs.get("image_sizes")
-                sizes = noted.get("image_sizes") if sizes is None else sizes
-                state.pending = {"image_mask": mask, "image_sizes": sizes, "n_images": noted.get("n_images")}
+                # image sizes and count are read at the decoder's input, after the host encoded the images
+                state.pending = {"image_mask": mask, "image_sizes": kwargs.get("image_sizes")}
             return None
 
         return hook
@@ -341,6 +339,8 @@ class HFLlavaAdapter:
                         "unpruned (pruning applies to the prompt that starts a cache)",
                         stacklevel=2,
                     )
+                if emb_len > 1:  # a new turn on the pruned cache is a new call for stats
+                    state.new_run()
                 return self._continue(state, rec, call, kwargs, emb_len)
             if past > 0 or pending is None:
                 if pending is not None:
@@ -432,13 +432,20 @@ class HFLlavaAdapter:
         kwargs["inputs_embeds"] = new_emb
         kwargs.pop("input_ids", None)
         kwargs["attention_mask"] = sel.valid.long()  # explicit: positions may have gaps (no packed-sequence guess)
-        pos = kwargs.get("position_ids")
+        pos = kwargs.get("position_ids")  # generate passes padding-aware positions; a plain forward passes none
         if pos is None:
             pos = torch.arange(t, device=emb.device)[None]
-        if self.positions == "original":
-            kwargs["position_ids"] = torch.where(sel.idx >= 0, sel.apply(pos.expand(b, -1)), 0)
-        else:
-            kwargs["position_ids"] = None
+        pos = pos.expand(b, -1)
+        kept_pos = sel.apply(pos)
+        if self.positions == "contiguous":
+            # renumber without gaps: each kept token moves down by the prompt tokens dropped before it
+            kept_flag = torch.zeros(b, t, dtype=torch.bool, device=emb.device)
+            kept_flag.scatter_(1, sel.idx.clamp(min=0), sel.idx >= 0)
+            dropped = valid & ~kept_flag
+            before = torch.cumsum(dropped.long(), 1)
+            kept_pos = kept_pos - sel.apply(before)
+            call["delta"] = dropped.sum(1)  # (B,)
+        kwargs["position_ids"] = torch.where(sel.idx >= 0, kept_pos, torch.zeros_like(kept_pos))
         call["decoder_prompt_len"] = new_emb.shape[1]
         return (), kwargs
 
@@ -447,8 +454,10 @@ class HFLlavaAdapter:
         b = emb.shape[0]
         counts = img_mask.sum(1).tolist()
         total = int(sum(counts))
+        noted = state.image_call or {}
         sizes = pending.get("image_sizes")
-        n_images = pending.get("n_images")
+        sizes = noted.get("image_sizes") if sizes is None else sizes
+        n_images = noted.get("n_images")
         if self.anyres:
             n_images = len(sizes) if sizes is not None else n_images
         elif n_images is None:
@@ -510,14 +519,14 @@ class HFLlavaAdapter:
             masks.append(by_prefix[key])
         call["masks"] = masks
         kwargs["attention_mask"] = masks[0]
-        pos = kwargs.get("position_ids")
-        if pos is None and (rec.layer0_pruned or rec.positions == "contiguous"):
-            pos = torch.arange(rec.covered, rec.covered + q, device=masks[0].device if masks[0] is not None else None)[None]
-        if pos is not None and rec.positions == "contiguous" and rec.layer0_pruned:
-            pos = pos - rec.delta
-        if pos is not None:
+        if rec.layer0_pruned:
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                pos = torch.arange(rec.covered, rec.covered + q, device=rec.prefix[0][0].device)[None]
+            if rec.positions == "contiguous":
+                pos = pos - rec.delta.to(pos.device)[:, None]
             kwargs["position_ids"] = pos
-        return args_none(), kwargs
+        return (), kwargs
 
     def _dtype(self):
         return next(self.text.parameters()).dtype
@@ -647,8 +656,9 @@ class HFLlavaAdapter:
             if cache is None or not (call["changed_pre"] or seq.substitute or self.kv_parts):
                 return None
             prefix = list(seq.per_layer)
+            delta = call.get("delta", torch.zeros(call["batch"], dtype=torch.long))
             rec = CacheRecord(cache=weakref.ref(cache), prompt_len=call["prompt_len"], covered=call["prompt_len"],
-                              prefix=prefix, delta=call["prompt_len"] - call["decoder_prompt_len"],
+                              prefix=prefix, delta=delta,
                               layer0_pruned=call["changed_pre"], positions=self.positions)
             self._evict(state, rec, cache)
             if rec.layer0_pruned:
@@ -687,10 +697,6 @@ class HFLlavaAdapter:
                 state.run.llm[-1].lm_head_rows = int(args[0].shape[1])
 
         return hook
-
-
-def args_none():
-    return ()
 
 
 def _additive(m: torch.Tensor, dtype) -> torch.Tensor:

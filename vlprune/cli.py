@@ -1,0 +1,256 @@
+"""The ``vlprune`` console script.
+
+    vlprune demo      apply every registered method to tiny random-weight LLaVA-1.5 and LLaVA-NeXT models built
+                      from configs (offline, CPU) and print tokens kept, FLOPs and time per method
+    vlprune methods   list the registered methods with their hyperparameters and defaults
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+
+
+# ------------------------------------------------------------------------------------------------------ methods
+def _field_default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f"{f.default_factory.__name__}()"  # type: ignore[misc]
+    return "(required)"
+
+
+def method_rows() -> list[dict]:
+    """One dict per registered method: name, class, stages, summary and hyperparameters [(name, type, default)]."""
+    from .registry import get_method_class, list_methods
+
+    rows = []
+    for name in list_methods():
+        cls = get_method_class(name)
+        doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+        params = [
+            (f.name, f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)), _field_default(f))
+            for f in dataclasses.fields(cls)
+            if f.repr
+        ] if dataclasses.is_dataclass(cls) else []
+        stages = ", ".join(str(getattr(s, "value", s)) for s in getattr(cls, "stages", ()))
+        rows.append({"name": name, "class": cls.__name__, "stages": stages, "summary": " ".join(doc.split()),
+                     "params": params})
+    return rows
+
+
+def cmd_methods(args) -> int:
+    rows = method_rows()
+    if args.json:
+        import json
+
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['name']}  ({r['class']}; stages: {r['stages']})")
+        summary = r["summary"]
+        if summary:
+            print(f"    {summary[:200]}{'...' if len(summary) > 200 else ''}")
+        for pname, ptype, default in r["params"]:
+            print(f"    {pname:<16} {ptype:<20} default {default}")
+        print()
+    print("Budgets: give keep=<tokens> or keep_ratio=<share in (0, 1]>, e.g. vlprune.apply(model, 'pool', keep=64).")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ demo
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _method_kwargs(name: str, keep: int, k: int) -> dict:
+    return {"k": k, "keep": keep} if name == "fastv" else {"keep": keep}
+
+
+def kept_tokens(stats: dict, method, sample: int = 0) -> int:
+    """Visual tokens that sample ``sample`` kept: for methods acting inside the decoder, what reached the last layer;
+    otherwise what the PRE_LLM stage kept."""
+    from .methods.base import Stage
+
+    stages = getattr(method, "stages", ())
+    if Stage.LLM_LAYER in stages and stats["visual_per_layer"]:
+        return int(stats["visual_per_layer"][sample][-1])
+    images = [i for i in stats["images"] if i["sample"] == sample]
+    if images:
+        return sum(int(i["kept"]) for i in images)
+    return int(stats["visual_per_layer"][sample][-1]) if stats["visual_per_layer"] else 0
+
+
+def run_demo(keep: int = 64, k: int = 2, new_tokens: int = 8, repeats: int = 3, seed: int = 0,
+             hosts=("llava-1.5", "llava-next"), methods=None, out=print) -> list[dict]:
+    """Apply every registered method (or ``methods``) to the tiny models and return one row per (host, method)."""
+    import torch
+
+    from . import api
+    from .registry import get_method, list_methods
+    from .testing import DEFAULT_PROMPT, identity_method, synthetic_image, tiny_inputs, tiny_llava, tiny_llava_next
+
+    builders = {"llava-1.5": tiny_llava, "llava-next": tiny_llava_next}
+    for h in hosts:
+        if h not in builders:
+            raise ValueError(f"unknown host {h!r}; choose from {', '.join(builders)}")
+    names = list(methods) if methods else list_methods()
+    image = synthetic_image((336, 336), seed=seed)
+    rows: list[dict] = []
+    with torch.inference_mode():
+        for host in hosts:
+            model, processor = builders[host](seed=seed)
+            inputs = tiny_inputs(processor, [image], [DEFAULT_PROMPT])
+
+            def prefill():
+                return model(**inputs, use_cache=True, logits_to_keep=1)
+
+            def gen():
+                return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      do_sample=False)
+
+            def measure(label: str, method_obj):
+                prefill(); gen()  # warm-up
+                t_pre = _median_time(prefill, repeats)
+                t_gen = _median_time(gen, repeats)
+                # the cost of one prefill and of one generate, from the schedule the engine recorded
+                if method_obj is None:  # unpruned: timed without hooks, cost read through a no-op method
+                    api.apply(model, identity_method())
+                try:
+                    prefill()
+                    s_pre = api.stats(model)
+                    tokens = gen()
+                    s_gen = api.stats(model)
+                finally:
+                    if method_obj is None:
+                        api.remove(model)
+                n_in = sum(int(i["visual_tokens"]) for i in s_pre["images"] if i["sample"] == 0)
+                row = {
+                    "host": host,
+                    "method": label,
+                    "visual_in": n_in,
+                    "kept": n_in if method_obj is None else kept_tokens(s_pre, method_obj),
+                    "equivalent_tokens": float(s_pre["equivalent_tokens"][0]) if s_pre["equivalent_tokens"] else None,
+                    "prefill_tflops": s_pre["cost"].tflops,
+                    "generate_tflops": s_gen["cost"].tflops,
+                    "scoring_gflops": s_pre["cost"].scoring / 1e9,
+                    "prefill_s": t_pre,
+                    "generate_s": t_gen,
+                    "tokens": tokens[0, -new_tokens:].tolist(),
+                }
+                rows.append(row)
+                out(_format_row(row))
+
+            # the unpruned model: timed without any hooks; its cost read through a method that changes nothing
+            measure("(unpruned)", None)
+            for name in names:
+                kw = _method_kwargs(name, keep, k)
+                method_obj = get_method(name, **kw)
+                api.apply(model, method_obj)
+                try:
+                    label = name + ("" if name != "fastv" else f" k={k}")
+                    measure(label, method_obj)
+                finally:
+                    api.remove(model)
+    return rows
+
+
+_HEADER = (f"{'host':<11} {'method':<13} {'visual in':>9} {'kept':>6} {'equiv.':>7} {'TFLOPs pre':>10} "
+           f"{'TFLOPs gen':>10} {'prefill s':>9} {'generate s':>10}")
+
+
+def _format_row(r: dict) -> str:
+    eq = "-" if r["equivalent_tokens"] is None else f"{r['equivalent_tokens']:.1f}"
+    return (f"{r['host']:<11} {r['method']:<13} {r['visual_in']:>9} {r['kept']:>6} {eq:>7} "
+            f"{r['prefill_tflops']:>10.5f} {r['generate_tflops']:>10.5f} {r['prefill_s']:>9.4f} {r['generate_s']:>10.4f}")
+
+
+def cmd_demo(args) -> int:
+    import platform
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # the torchvision-less image processor fallback notice is expected here
+    except Exception:  # pragma: no cover
+        pass
+    import vlprune
+
+    print(f"vlprune {vlprune.__version__} demo: tiny random-weight models built from configs (no download), "
+          f"keep={args.keep}, fastv k={args.k}, {args.new_tokens} new tokens, median of {args.repeats}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()} CPU; "
+          f"TFLOPs pre = one prefill (vision + projector + LLM + lm_head + scoring), gen = prefill + "
+          f"{args.new_tokens - 1} decode steps; kept = visual tokens reaching the last decoder layer (sample 0)")
+    print(_HEADER)
+    print("-" * len(_HEADER))
+    t0 = time.perf_counter()
+    rows = run_demo(keep=args.keep, k=args.k, new_tokens=args.new_tokens, repeats=args.repeats, seed=args.seed,
+                    hosts=args.hosts, methods=args.methods)
+    print(f"{len(rows)} runs in {time.perf_counter() - t0:.1f} s. Random weights: the generated tokens carry no "
+          f"meaning; times are for this machine.")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vlprune",
+        description="Visual-token compression for LLaVA-style models, attached with hooks and removable.",
+    )
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="apply every method to tiny LLaVA-1.5 / LLaVA-NeXT models and print a table",
+                       description="Build tiny random-weight LLaVA-1.5 and LLaVA-NeXT models from configs (offline, "
+                                   "CPU), apply every registered method and print visual tokens kept, FLOPs and "
+                                   "time per method, with the unpruned model first.")
+    d.add_argument("--keep", type=int, default=64, help="visual tokens to keep (default: 64)")
+    d.add_argument("--k", type=int, default=2, help="FastV's pruning layer K (default: 2)")
+    d.add_argument("--new-tokens", type=int, default=8, help="tokens to generate (default: 8)")
+    d.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is shown (default: 3)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the random weights and the image (default: 0)")
+    d.add_argument("--hosts", nargs="+", default=["llava-1.5", "llava-next"], choices=["llava-1.5", "llava-next"])
+    d.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all registered)")
+    d.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    d.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("methods", help="list registered methods with their hyperparameters and defaults")
+    m.add_argument("--json", action="store_true", help="print JSON")
+    m.set_defaults(func=cmd_methods)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return 0
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
