@@ -83,8 +83,12 @@ def test_text_only_passes_through(hosts, host, name):
         gen_ref = model.generate(**enc, max_new_tokens=5, do_sample=False)
     with vlprune.pruned(model, name, keep=8, **METHOD_KWARGS.get(name, {})):
         with torch.no_grad():
+            model(**inputs_for(host, proc))  # an image call first: its stats must not leak into the next call
             out = model(**enc).logits
             gen = model.generate(**enc, max_new_tokens=5, do_sample=False)
+        st = vlprune.stats(model)
+    assert st["schedule"].vision == [] and st["images"] == [] and st["schedule"].projector_rows == 0
+    assert [c.q_per_layer[0] for c in st["schedule"].llm] == [enc["input_ids"].shape[1]] + [1] * 4
     assert torch.equal(out, ref)
     assert torch.equal(gen, gen_ref)
 

@@ -342,6 +342,10 @@ class HFLlavaAdapter:
                 if emb_len > 1:  # a new turn on the pruned cache is a new call for stats
                     state.new_run()
                 return self._continue(state, rec, call, kwargs, emb_len)
+            if past == 0 and state.run.llm:  # a fresh prompt starts a new call for stats
+                vis = state.run.vision[-1:] if pending is not None else []
+                state.new_run()
+                state.run.vision = vis
             if past > 0 or pending is None:
                 if pending is not None:
                     warnings.warn(
@@ -350,11 +354,6 @@ class HFLlavaAdapter:
                     )
                     state.run.notes.append("images continued an unpruned cache: not pruned")
                 return None
-            # a fresh prefill with images
-            if state.run.llm:
-                vis = state.run.vision
-                state.new_run()
-                state.run.vision = vis[-1:] if vis else []
             return self._prefill(state, call, kwargs, pending, emb, cache)
 
         return hook
