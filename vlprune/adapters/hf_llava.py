@@ -326,7 +326,7 @@ class HFLlavaAdapter:
                 emb_len, bsz = ids.shape[1], ids.shape[0]
             else:
                 bsz, emb_len = emb.shape[:2]
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = _cache_of(kwargs)
             pending, state.pending = state.pending, None
             call = {"mode": "pass", "q": [0] * len(self.layers), "kv": [0] * len(self.layers), "batch": bsz}
             state.call = call
@@ -591,7 +591,7 @@ class HFLlavaAdapter:
         return hook
 
     def _note_lengths(self, call, i, q, kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = _cache_of(kwargs)
         call["q"][i] = int(q)
         call["kv"][i] = int(q) + (0 if cache is None else _real_len(cache, i))
 
@@ -651,7 +651,7 @@ class HFLlavaAdapter:
             last_o, _, last_v = seq.per_layer[-1]
             run.kept_positions = [last_o[b_i][last_v[b_i]].cpu() for b_i in range(last_o.shape[0])]
             seq.captures.clear()
-            cache = out.get("cache", out.get("past_key_values")) if hasattr(out, "get") else None
+            cache = _cache_of(out) if hasattr(out, "get") else None
             if cache is None or not (call["changed_pre"] or seq.substitute or self.kv_parts):
                 return None
             prefix = list(seq.per_layer)
@@ -696,6 +696,12 @@ class HFLlavaAdapter:
                 state.run.llm[-1].lm_head_rows = int(args[0].shape[1])
 
         return hook
+
+
+def _cache_of(mapping):
+    """The cache from call kwargs or a model output (``cache`` in transformers >= 5.2, ``past_key_values`` before)."""
+    cache = mapping.get("cache")
+    return mapping.get("past_key_values") if cache is None and "past_key_values" in mapping else cache
 
 
 def _additive(m: torch.Tensor, dtype) -> torch.Tensor:

@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""Prefill latency and FLOPs of every registered method against the unpruned model, side by side in one run.
+
+The host is a random-weight LLaVA-1.5-style model of "bench-S" size (spec/environment.md section 4), built from
+configs (no download): bf16, Llama LM with hidden 1024, 24 layers, 16 heads (MHA), MLP 2752, vocabulary 32064;
+CLIP ViT-B/14 at 336 px (hidden 768, 12 layers, 12 heads, MLP 3072) with LLaVA's 2-layer GELU projector.
+The input is one synthetic image (576 visual tokens) and a prompt of about 50 text tokens.
+
+Prefill = ``model(**inputs, use_cache=True, logits_to_keep=1)``: vision tower, projector, the decoder over the
+prompt (KV cache filled) and lm_head on the last token, i.e. what ``generate`` does before its first new token.
+Each round times the unpruned model and every method once, in turn (interleaved, so that this machine's
+slow phases hit all of them alike); after one warm-up round, the median of ``--repeats`` rounds is reported.
+FLOPs come from ``vlprune.stats(model)["cost"]`` (the schedule the engine recorded); the unpruned model's cost is
+read through a method that changes nothing (``vlprune.testing.identity_method``), while its time is measured with
+no hooks attached.
+
+    python benchmarks/bench_prefill.py --repeats 5
+    python benchmarks/bench_prefill.py --keep 128 --dtype float32 --out /tmp/bench.json
+
+Writes JSON (``--out``, default benchmarks/results/prefill_bench.json) and a Markdown table next to it (.md).
+Random weights: the numbers are about cost and latency only, never accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import vlprune
+from vlprune.cli import kept_tokens
+from vlprune.testing import identity_method, make_tokenizer, synthetic_image
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "prefill_bench.json"
+
+BENCH_S = dict(
+    text=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+              intermediate_size=2752, vocab_size=32064),
+    vision=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                image_size=336, patch_size=14),
+)
+QUESTION = ("Describe the picture in detail. What is shown in this image? How many objects are there? "
+            "Is there a cat, a dog or a tree? The color is blue, green or red.")
+
+
+def build_model(dtype: torch.dtype, seed: int = 0):
+    """bench-S LLaVA-1.5 (random weights, sdpa) and its processor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaProcessor
+
+    tok = make_tokenizer()
+    img_proc = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                  image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                  image_std=[0.26862954, 0.26130258, 0.27577711], do_convert_rgb=True)
+    processor = LlavaProcessor(image_processor=img_proc, tokenizer=tok, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(**BENCH_S["vision"]),
+        text_config=LlamaConfig(**BENCH_S["text"], bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    previous = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if dtype.is_floating_point and dtype != torch.float32:
+            torch.set_default_dtype(dtype)  # initialise straight in the target dtype (half the peak memory)
+        try:
+            model = LlavaForConditionalGeneration(cfg)
+        finally:
+            torch.set_default_dtype(previous)
+    model = model.to(dtype).eval()
+    model.set_attn_implementation("sdpa")
+    return model, processor
+
+
+def build_inputs(processor, dtype: torch.dtype, text_tokens: int, seed: int = 0):
+    """One 336x336 synthetic image (576 <image> tokens) and a prompt with about ``text_tokens`` other tokens."""
+    tok = processor.tokenizer
+    words = QUESTION.split()
+    question, i = "", 0
+    while True:
+        prompt = f"USER: <image>\n{question} ASSISTANT:"
+        n_text = len(tok(prompt.replace("<image>", ""))["input_ids"])
+        if n_text >= text_tokens:
+            break
+        question = (question + " " + words[i % len(words)]).strip()
+        i += 1
+    inputs = processor(images=[synthetic_image((336, 336), seed=seed)], text=[prompt], return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return dict(inputs), prompt
+
+
+def method_kwargs(name: str, keep: int, k: int) -> dict:
+    return {"k": k, "keep": keep} if name == "fastv" else {"keep": keep}
+
+
+def markdown_table(result: dict) -> str:
+    lines = [
+        "| method | kept tokens | prefill s (median) | prefill s (min) | speed-up vs unpruned | FLOPs ratio | TFLOPs | "
+        "scoring overhead |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        share = r["scoring_flops"] / r["total_flops"] if r["total_flops"] else 0.0
+        scoring = "-" if not r["scoring_flops"] else f"{100 * share:.4f}% ({r['scoring_flops'] / 1e9:.4f} GFLOPs)"
+        lines.append(
+            f"| {r['method']} | {r['kept']} / {r['visual_in']} | {r['prefill_s']:.3f} | {r['prefill_s_min']:.3f} | "
+            f"{r['speedup']:.2f}x | "
+            f"{r['flops_ratio']:.3f} | {r['total_flops'] / 1e12:.3f} | {scoring} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up; the median is reported")
+    ap.add_argument("--keep", type=int, default=64, help="visual tokens to keep (default 64)")
+    ap.add_argument("--k", type=int, default=2, help="FastV's pruning layer K (default 2)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    ap.add_argument("--text-tokens", type=int, default=50, help="text tokens in the prompt besides the image")
+    ap.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all registered)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help=f"JSON path (default {DEFAULT_OUT.relative_to(HERE.parent)})")
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1; got {args.repeats}")
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    names = args.methods or vlprune.list_methods()
+
+    t0 = time.perf_counter()
+    model, processor = build_model(dtype, args.seed)
+    build_s = time.perf_counter() - t0
+    inputs, prompt = build_inputs(processor, dtype, args.text_tokens, args.seed)
+    n_tokens = int(inputs["input_ids"].shape[1])
+    n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"bench-S LLaVA ({n_params / 1e6:.0f}M params, {args.dtype}, built in {build_s:.1f} s); prompt "
+          f"{n_tokens} tokens = {n_image} image + {n_tokens - n_image} text; keep={args.keep}, fastv k={args.k}; "
+          f"{args.threads} threads; 1 warm-up + {args.repeats} interleaved rounds", flush=True)
+
+    configs = [("unpruned", None)] + [
+        (n + (f" k={args.k}" if n == "fastv" else ""), vlprune.get_method(n, **method_kwargs(n, args.keep, args.k)))
+        for n in names
+    ]
+
+    def prefill():
+        return model(**inputs, use_cache=True, logits_to_keep=1)
+
+    times: dict[str, list[float]] = {label: [] for label, _ in configs}
+    info: dict[str, dict] = {}
+    with torch.inference_mode():
+        for rnd in range(args.repeats + 1):  # round 0 is the warm-up
+            for label, method in configs:
+                if method is not None:
+                    vlprune.apply(model, method)
+                try:
+                    t = time.perf_counter()
+                    prefill()
+                    dt = time.perf_counter() - t
+                    if rnd == 0 and method is not None:
+                        s = vlprune.stats(model)
+                        info[label] = {"stats": s, "method": method}
+                finally:
+                    vlprune.remove(model)
+                if rnd > 0:
+                    times[label].append(dt)
+            if rnd > 0:
+                print(f"  round {rnd}: " + ", ".join(f"{lab} {times[lab][-1]:.3f}s" for lab, _ in configs), flush=True)
+            else:
+                print("  warm-up done", flush=True)
+        # the unpruned model's schedule and cost, through a method that changes nothing
+        vlprune.apply(model, identity_method())
+        prefill()
+        info["unpruned"] = {"stats": vlprune.stats(model), "method": None}
+        vlprune.remove(model)
+
+    base_t = statistics.median(times["unpruned"])
+    base_flops = info["unpruned"]["stats"]["cost"].total
+    rows = []
+    for label, method in configs:
+        s = info[label]["stats"]
+        c = s["cost"]
+        n_in = sum(int(i["visual_tokens"]) for i in s["images"] if i["sample"] == 0)
+        med = statistics.median(times[label])
+        rows.append({
+            "method": label,
+            "label": s["method"],
+            "visual_in": n_in,
+            "kept": n_in if method is None else kept_tokens(s, method),
+            "equivalent_tokens": float(s["equivalent_tokens"][0]) if s["equivalent_tokens"] else None,
+            "prefill_s": med,
+            "prefill_s_min": min(times[label]),
+            "prefill_s_all": times[label],
+            "speedup": base_t / med,
+            "total_flops": c.total,
+            "flops_ratio": c.total / base_flops,
+            "scoring_flops": c.scoring,
+            "scoring_share": c.scoring / c.total if c.total else 0.0,
+            "cost": c.as_dict(),
+        })
+    result = {
+        "benchmark": "prefill",
+        "model": "bench-S LLaVA-1.5 (random weights): LM 1024x24 h16 m2752 V32064 + CLIP ViT-B/14-336",
+        "dtype": args.dtype,
+        "params": n_params,
+        "prompt_tokens": n_tokens,
+        "image_tokens": n_image,
+        "keep": args.keep,
+        "fastv_k": args.k,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "call": "model(**inputs, use_cache=True, logits_to_keep=1)",
+        "versions": {"vlprune": vlprune.__version__, "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__, "python": platform.python_version()},
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs ({platform.processor() or platform.platform()})",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "rows": rows,
+    }
+    table = markdown_table(result)
+    print()
+    print(table)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+    md = out.with_suffix(".md")
+    md.write_text(
+        f"Prefill, {result['model']}, {args.dtype}, {n_tokens} prompt tokens ({n_image} image), keep={args.keep}, "
+        f"median of {args.repeats} interleaved rounds, {args.threads} threads, torch {torch.__version__}, "
+        f"{result['date']}. FLOPs from vlprune.stats (FLOPs = 2 x MACs, whole prefill incl. vision tower).\n\n"
+        + table + "\n"
+    )
+    print(f"\nwrote {out} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
