@@ -41,6 +41,19 @@ def inputs_for(host, processor, n=1, padding_side="left", sizes=None):
     return tiny_inputs(processor, images, prompts, padding_side=padding_side)
 
 
+def _mask_layers(model, layer_mask, from_layer):
+    """Pre-hooks that substitute layer_mask(L) as the attention mask of decoder layers >= from_layer."""
+    if layer_mask is None:
+        return []
+
+    def pre(mod, args, kwargs):
+        kwargs["attention_mask"] = layer_mask(args[0].shape[1])
+        return args, kwargs
+
+    layers = model.model.language_model.layers
+    return [l.register_forward_pre_hook(pre, with_kwargs=True) for i, l in enumerate(layers) if i >= from_layer]
+
+
 def greedy_reference(model, inputs, n_new, layer_mask=None, from_layer=0):
     """Greedy decoding without a KV cache: every step runs the whole sequence again.
 
@@ -49,13 +62,7 @@ def greedy_reference(model, inputs, n_new, layer_mask=None, from_layer=0):
     ids = inputs["input_ids"]
     am = inputs.get("attention_mask", torch.ones_like(ids))
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    layers = model.model.language_model.layers
-    handles = []
-    if layer_mask is not None:
-        def pre(mod, args, kwargs):
-            kwargs["attention_mask"] = layer_mask(args[0].shape[1])
-            return args, kwargs
-        handles = [l.register_forward_pre_hook(pre, with_kwargs=True) for i, l in enumerate(layers) if i >= from_layer]
+    handles = _mask_layers(model, layer_mask, from_layer)
     out, logits = [], []
     try:
         with torch.no_grad():
@@ -93,13 +100,7 @@ def embeds_reference(model, embeds, am, n_new, layer_mask=None, from_layer=0):
 
     layer_mask(L) -> (B, 1, L, L) bool mask substituted in decoder layers >= from_layer."""
     emb_layer = model.get_input_embeddings()
-    layers = model.model.language_model.layers
-    handles = []
-    if layer_mask is not None:
-        def pre(mod, args, kwargs):
-            kwargs["attention_mask"] = layer_mask(args[0].shape[1])
-            return args, kwargs
-        handles = [l.register_forward_pre_hook(pre, with_kwargs=True) for i, l in enumerate(layers) if i >= from_layer]
+    handles = _mask_layers(model, layer_mask, from_layer)
     out = []
     try:
         with torch.no_grad():

@@ -114,19 +114,18 @@ class ImageTokens:
         raw = self._vision(layer)  # (n_crops, H, S)
         lay = self.layout
         ok = lay.vit_index >= 0
-        out = torch.full((raw.shape[1], lay.n), float("nan"), dtype=torch.float32)
+        out = torch.full((raw.shape[1], lay.n), float("nan"), dtype=torch.float32)  # (H, N)
         out[:, ok] = raw[lay.crop[ok], :, lay.vit_index[ok]].T.float().cpu()
         return out
 
     def cls_attention(self, layer: int, reduce: str = "mean") -> torch.Tensor:
         """Softmax CLS attention (softmax over each crop's ViT sequence), reduced over heads: (N,)."""
-        raw = self._vision(layer) if self._vision is not None else None
-        if raw is None:
-            return self.cls_logits(layer)
-        probs = torch.softmax(raw.float(), dim=-1)  # (n_crops, H, S)
+        if self._vision is None:
+            return self.cls_logits(layer)  # raises the missing-capture error
+        probs = torch.softmax(self._vision(layer).float(), dim=-1)  # (n_crops, H, S)
         lay = self.layout
         ok = lay.vit_index >= 0
-        per_head = torch.full((raw.shape[1], lay.n), float("nan"), dtype=torch.float32)
+        per_head = torch.full((probs.shape[1], lay.n), float("nan"), dtype=torch.float32)  # (H, N)
         per_head[:, ok] = probs[lay.crop[ok], :, lay.vit_index[ok]].T.cpu()
         if reduce == "mean":
             return per_head.mean(0)

@@ -84,7 +84,7 @@ class SpatialPool(BudgetMixin, Method):
         k_grid = max(len(grids), k - cls_tokens.numel())
         total = sum(p.tokens.numel() for p in grids)
         shares = [max(1, int(k_grid * p.tokens.numel() / total)) for p in grids]
-        feats, merged_from = [cls_tokens.new_empty(0)], torch.full((n,), -1, dtype=torch.long)
+        merged_from = torch.full((n,), -1, dtype=torch.long)  # (N,) pooled slot of each input token
         rows, slot = [image.features[cls_tokens]], 0
         for c in cls_tokens.tolist():
             merged_from[c] = slot
