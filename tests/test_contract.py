@@ -172,3 +172,11 @@ def test_budget_resolve():
     assert B(keep_ratio=0.25).resolve(576) == 144
     assert B(keep_ratio=0.001).resolve(576) == 1
     assert B(keep_ratio=1.0).covers(2928)
+
+
+def test_pool_after_a_selection_explains_the_order(hosts):
+    model, proc = hosts["llava"]
+    with vlprune.pruned(model, [vlprune.get_method("random", keep=100), vlprune.get_method("pool", keep=16)]):
+        with pytest.raises(ValueError, match="put pool first"):
+            with torch.no_grad():
+                model(**inputs_for("llava", proc))

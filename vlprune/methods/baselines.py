@@ -81,6 +81,11 @@ class SpatialPool(BudgetMixin, Method):
         lay = image.layout
         cls_tokens = (lay.kind == TOKEN_CLS).nonzero().squeeze(1)
         grids = [p for p in lay.partitions if p.grid[0] > 0]
+        if not grids:
+            raise ValueError(
+                "pool needs whole patch grids, but an earlier method in the composition already dropped tokens from "
+                "every grid; put pool first (e.g. [pool, fastv])"
+            )
         k_grid = max(len(grids), k - cls_tokens.numel())
         total = sum(p.tokens.numel() for p in grids)
         shares = [max(1, int(k_grid * p.tokens.numel() / total)) for p in grids]
