@@ -210,3 +210,19 @@ def test_second_turn_reuses_pruned_cache(hosts, host, name):
             E = torch.cat([emb[keep], rest], 0)[None]
         ref = embeds_reference(model, E, torch.ones(1, E.shape[1], dtype=torch.long), 6)
     assert torch.equal(toks2, ref)
+
+
+@pytest.mark.parametrize("spec", [("fastv", {"k": 2, "keep": 40}), ("random", {"keep": 40})])
+def test_eager_attention_batch_matches_batch_of_one(spec):
+    """The eager kernel takes additive float masks: decoding on a pruned, padded cache must build those too."""
+    from conftest import build_host
+
+    name, kw = spec
+    model, proc = build_host("llava", attn="eager")
+    batch = inputs_for("llava", proc, n=2, padding_side="left")
+    with vlprune.pruned(model, name, **kw):
+        toks, _ = _generate(model, batch)
+        n_pad = int((batch["attention_mask"][0] == 0).sum())
+        one = {k: (v[:1, n_pad:] if k in ("input_ids", "attention_mask") else v[:1]) for k, v in batch.items()}
+        single, _ = _generate(model, one)
+    assert torch.equal(toks[0], single[0])

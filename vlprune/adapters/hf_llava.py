@@ -42,7 +42,7 @@ from ..methods.base import (
 )
 from ..ops import attention_rows as _attention_rows
 from ..ops import cls_logits_from_qk, repeat_kv
-from ..state import CacheRecord, Selection, SeqState, causal_mask, gather_rows
+from ..state import CacheRecord, Selection, SeqState, causal_mask, gather_rows, to_mask_dtype
 from .base import register_adapter
 
 
@@ -514,7 +514,7 @@ class HFLlavaAdapter:
                     m = (cols[:, None, None, :] <= rows[None, None, :, None]) & ok[:, None, None, :]
                     eye_col = cols.shape[1] - q + torch.arange(q, device=cols.device)
                     m[:, 0, torch.arange(q), eye_col] = True
-                    by_prefix[key] = m if dtype == torch.bool else _additive(m, dtype)
+                    by_prefix[key] = to_mask_dtype(m, dtype)
             masks.append(by_prefix[key])
         call["masks"] = masks
         kwargs["attention_mask"] = masks[0]
@@ -702,11 +702,6 @@ def _cache_of(mapping):
     """The cache from call kwargs or a model output (``cache`` in transformers >= 5.2, ``past_key_values`` before)."""
     cache = mapping.get("cache")
     return mapping.get("past_key_values") if cache is None and "past_key_values" in mapping else cache
-
-
-def _additive(m: torch.Tensor, dtype) -> torch.Tensor:
-    out = torch.zeros(m.shape, dtype=dtype, device=m.device)
-    return out.masked_fill(~m, torch.finfo(dtype).min)
 
 
 def _last_valid(valid: torch.Tensor) -> torch.Tensor:
