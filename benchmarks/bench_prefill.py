@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import vlprune
-from vlprune.cli import kept_tokens
+from vlprune.cli import kept_tokens, method_kwargs
 from vlprune.testing import identity_method, make_tokenizer, synthetic_image
 
 HERE = Path(__file__).resolve().parent
@@ -98,10 +98,6 @@ def build_inputs(processor, dtype: torch.dtype, text_tokens: int, seed: int = 0)
     inputs = processor(images=[synthetic_image((336, 336), seed=seed)], text=[prompt], return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return dict(inputs), prompt
-
-
-def method_kwargs(name: str, keep: int, k: int) -> dict:
-    return {"k": k, "keep": keep} if name == "fastv" else {"keep": keep}
 
 
 def markdown_table(result: dict) -> str:

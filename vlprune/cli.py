@@ -70,7 +70,8 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _method_kwargs(name: str, keep: int, k: int) -> dict:
+def method_kwargs(name: str, keep: int, k: int) -> dict:
+    """Hyperparameters of a method at budget ``keep`` (FastV also takes its layer ``k``)."""
     return {"k": k, "keep": keep} if name == "fastv" else {"keep": keep}
 
 
@@ -151,7 +152,7 @@ def run_demo(keep: int = 64, k: int = 2, new_tokens: int = 8, repeats: int = 3, 
             # the unpruned model: timed without any hooks; its cost read through a method that changes nothing
             measure("(unpruned)", None)
             for name in names:
-                kw = _method_kwargs(name, keep, k)
+                kw = method_kwargs(name, keep, k)
                 method_obj = get_method(name, **kw)
                 api.apply(model, method_obj)
                 try:

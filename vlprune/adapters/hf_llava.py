@@ -418,7 +418,6 @@ class HFLlavaAdapter:
         state.seq = seq
         call["changed_pre"] = changed
         if not changed:
-            call["decoder_prompt_len"] = t
             return None
         keeps = [torch.cat(k).sort().values for k in keep_lists]
         sel = Selection.from_lists(keeps, valid, left=left)
@@ -445,14 +444,12 @@ class HFLlavaAdapter:
             kept_pos = kept_pos - sel.apply(before)
             call["delta"] = dropped.sum(1)  # (B,)
         kwargs["position_ids"] = torch.where(sel.idx >= 0, kept_pos, torch.zeros_like(kept_pos))
-        call["decoder_prompt_len"] = new_emb.shape[1]
         return (), kwargs
 
     def _split_images(self, state, pending, emb, img_mask):
         """Cut the image tokens of the prompt into per-image spans with their layouts and vision scores."""
         b = emb.shape[0]
-        counts = img_mask.sum(1).tolist()
-        total = int(sum(counts))
+        total = int(img_mask.sum())
         noted = state.image_call or {}
         sizes = pending.get("image_sizes")
         sizes = noted.get("image_sizes") if sizes is None else sizes
