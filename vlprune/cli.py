@@ -3,6 +3,8 @@
     vlprune demo      apply every registered method to tiny random-weight LLaVA-1.5 and LLaVA-NeXT models built
                       from configs (offline, CPU) and print tokens kept, FLOPs and time per method
     vlprune methods   list the registered methods with their hyperparameters and defaults
+    vlprune eval      the evaluation harness (evals.run): accuracy against cost for methods and budgets on the
+                      shipped proxy LVLM or a LLaVA / LLaVA-NeXT model
 """
 from __future__ import annotations
 
@@ -233,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     d.set_defaults(func=cmd_demo)
 
+    sub.add_parser("eval", help="the evaluation harness: accuracy against cost per method and budget "
+                               "(see `vlprune eval --help`)", add_help=False)
     m = sub.add_parser("methods", help="list registered methods with their hyperparameters and defaults")
     m.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(func=cmd_methods)
@@ -240,6 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:  # the evaluation harness keeps its own options (see `vlprune eval --help`)
+        try:
+            from evals.run import main as eval_main
+        except ImportError as e:  # pragma: no cover
+            print(f"vlprune eval: error: the evaluation harness (package 'evals') is not installed: {e}; install "
+                  f"vlprune from its source tree with the 'eval' extra: pip install -e '.[eval]'", file=sys.stderr)
+            return 2
+        return eval_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

@@ -26,8 +26,8 @@ def _check_positions(name: str, value: str) -> None:
 class RandomPrune(BudgetMixin, Method):
     """Keep a seeded uniform random subset of each image's visual tokens before the decoder.
 
-    The draw depends only on ``seed``, the image's index in the batch and its token count, so a batch gives the
-    same selection per sample as batch size 1 when images come in the same order.
+    The draw depends only on ``seed`` and the image's token count: every image with N tokens keeps the same
+    positions, whatever the batch, its order or the process it runs in.
     Shapes: features (N, D) -> kept (K,) indices, K = budget.resolve(N).
     """
 

@@ -1,0 +1,352 @@
+"""Train the proxy LVLM from scratch: ``python -m evals.proxy.train --out evals/proxy/weights``.
+
+Stage A (LLaVA-1.5 geometry, every weight trained jointly, from random initialisation):
+
+- language-model loss on the answers of multi-turn conversations (``train_turns``: up to 16 questions per scene,
+  every answer supervised, prompts masked);
+- two auxiliary vision losses that stand in for the CLIP pre-training the proxy cannot have: a linear head on
+  the feature layer's patch tokens predicts each patch's class (background, object kind, digit, sign plate), and
+  heads on the final CLS token (``pooler_output``) predict which object kinds are present and how many objects
+  there are. The heads are discarded after training; they make the CLS token's attention meaningful, as CLS-based
+  pruning methods assume.
+
+Stage B (LLaVA-NeXT geometry): the trained towers are copied into ``LlavaNextForConditionalGeneration`` and the
+projector, decoder and ``image_newline`` are fine-tuned on 672x336 / 336x672 scenes with the vision tower frozen.
+
+Everything is seeded (weights, data, order). The same command on the same device reproduces the weights; CPU and
+CUDA kernels differ in rounding, so the two devices give close but not bit-identical weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import model as pm
+from .scenes import (COMBOS, N_PATCH_CLASSES, make_scene, patch_labels, ref_patches, render, scene_targets,
+                     train_turns)
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "weights"
+
+
+# ------------------------------------------------------------------------------------------------------- data
+class Batches(torch.utils.data.IterableDataset):
+    """Step ``i`` of a run is a pure function of (seed, i): scenes, turns and targets."""
+
+    def __init__(self, processor, geometry: str, batch_size: int, steps: int, seed: int, turns: int,
+                 first_step: int = 0):
+        self.processor, self.geometry = processor, geometry
+        self.batch_size, self.steps, self.seed, self.turns, self.first = batch_size, steps, seed, turns, first_step
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for step in range(self.first + wid, self.steps, nw):
+            yield step, make_batch(self.processor, self.geometry, self.batch_size, self.seed, step, self.turns)
+
+
+def make_batch(processor, geometry: str, batch_size: int, seed: int, step: int, turns: int = 16) -> dict:
+    tok = processor.tokenizer
+    images, texts, patches, present, counts, ground = [], [], [], [], [], []
+    for j in range(batch_size):
+        sseed = (seed * 1_000_003 + step) * 64 + j          # train split: seeds below 10^8 never collide with
+        sseed = sseed % 100_000_000                          # the validation / test ranges
+        rng = np.random.default_rng([sseed, 3])
+        scene = make_scene(sseed, geometry, need_sign=bool(rng.random() < 0.5),
+                           need_small=bool(rng.random() < 0.5))
+        qa = train_turns(scene, rng, turns)
+        conv = "".join(f"{pm.prompt(q, image=i == 0)} {a}</s>" for i, (q, a, _, _) in enumerate(qa))
+        images.append(render(scene))
+        texts.append(conv)
+        if geometry == "llava":
+            patches.append(patch_labels(scene).reshape(-1))
+            p, c = scene_targets(scene)
+            present.append(p)
+            counts.append(c)
+            g = np.zeros((turns, 576), bool)
+            for i, t in enumerate(qa):
+                if t[3]:
+                    g[i] = ref_patches(scene, t[3])
+            ground.append(g)
+    side = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        b = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    ids = b["input_ids"]
+    labels = torch.full_like(ids, -100)
+    a_id, c_id, eos = tok.convert_tokens_to_ids("assistant"), tok.convert_tokens_to_ids(":"), tok.eos_token_id
+    hit = (ids[:, :-2] == a_id) & (ids[:, 1:-1] == c_id)            # answer token at j + 2, eos at j + 3
+    rows, cols = torch.nonzero(hit, as_tuple=True)
+    labels[rows, cols + 2] = ids[rows, cols + 2]
+    ok = cols + 3 < ids.shape[1]
+    labels[rows[ok], cols[ok] + 3] = eos
+    out = dict(b)
+    out["labels"] = labels
+    if patches:
+        out["patch_labels"] = torch.from_numpy(np.stack(patches))
+        out["present"] = torch.from_numpy(np.stack(present))
+        out["n_objects"] = torch.tensor(counts)
+        out["ground"] = torch.from_numpy(np.stack(ground))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ model
+class AuxHeads(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        # the LayerNorm keeps the patch loss from rewarding ever larger feature norms in the ViT's residual
+        # stream, which the projector would pass on to the decoder
+        self.patch = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, N_PATCH_CLASSES))
+        self.present = torch.nn.Linear(width, len(COMBOS))
+        self.count = torch.nn.Linear(width, 16)
+
+
+def _capture_vision(model):
+    store = {}
+
+    def hook(mod, args, kwargs, output):
+        store["out"] = output
+    h = model.model.vision_tower.register_forward_hook(hook, with_kwargs=True)
+    return store, h
+
+
+GROUND_LAYER, GROUND_HEAD = 3, 0
+
+
+def _capture_qk(model, layer: int):
+    store = {}
+    attn = model.model.language_model.layers[layer].self_attn
+    hs = [attn.q_proj.register_forward_hook(lambda m, a, o: store.__setitem__("q", o)),
+          attn.k_proj.register_forward_hook(lambda m, a, o: store.__setitem__("k", o))]
+    return store, hs
+
+
+def grounding_loss(model, store, batch, ground) -> torch.Tensor:
+    """-log of the attention mass that one head (GROUND_LAYER, GROUND_HEAD) puts, from the position that predicts
+    each answer, on the patches of the objects the question is about (turns without such objects are skipped).
+    The head's attention is recomputed from the captured q/k projections with RoPE, for those rows only."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cfg = model.config.text_config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    b_, t_ = ids.shape
+    q = store["q"].view(b_, t_, -1, hd)[:, :, GROUND_HEAD]
+    k = store["k"].view(b_, t_, -1, hd)[:, :, GROUND_HEAD // group]
+    pos = torch.arange(t_, device=ids.device)[None].expand(b_, -1)
+    cos, sin = model.model.language_model.rotary_emb(q, pos)
+    q, k = apply_rotary_pos_emb(q[:, None], k[:, None], cos, sin)
+    q, k = q[:, 0].float(), k[:, 0].float()
+    tok = model.config
+    a_id, c_id = batch["_assistant_id"], batch["_colon_id"]
+    hit = (ids[:, :-1] == a_id) & (ids[:, 1:] == c_id)
+    losses = []
+    img = ids == tok.image_token_id
+    for b in range(b_):
+        rows = torch.nonzero(hit[b], as_tuple=True)[0] + 1          # the ':' that predicts the answer
+        first = int(torch.nonzero(img[b], as_tuple=True)[0][0])
+        g = ground[b, : len(rows)]
+        keep = g.any(-1)
+        if not keep.any():
+            continue
+        rows, g = rows[keep], g[keep]
+        logits = (q[b, rows] @ k[b].T) / math.sqrt(hd)               # (R, T)
+        allowed = (torch.arange(t_, device=ids.device)[None] <= rows[:, None]) & mask[b].bool()[None]
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        target = torch.zeros_like(allowed)
+        target[:, first:first + g.shape[1]] = g
+        lse_all = torch.logsumexp(logits, -1)
+        lse_t = torch.logsumexp(logits.masked_fill(~target, float("-inf")), -1)
+        losses.append(lse_all - lse_t)
+    if not losses:
+        return ids.new_zeros((), dtype=torch.float32)
+    return torch.cat(losses).mean()
+
+
+def _post_ln(model):
+    tower = model.model.vision_tower
+    return getattr(tower, "vision_model", tower).post_layernorm
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def train_stage(model, processor, geometry: str, steps: int, batch_size: int, lr: float, seed: int,
+                device: torch.device, bf16: bool, workers: int, turns: int, log, aux_weight: float = 0.5,
+                ground_weight: float = 0.5,
+                freeze_vision: bool = False, eval_every: int = 0, eval_fn=None) -> list[dict]:
+    torch.manual_seed(seed)
+    model.to(device).train()
+    heads = AuxHeads(model.config.vision_config.hidden_size).to(device) if geometry == "llava" else None
+    if freeze_vision:
+        for p in model.model.vision_tower.parameters():
+            p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad] + (list(heads.parameters()) if heads else [])
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    store, handle = _capture_vision(model)
+    qk, qk_handles = _capture_qk(model, GROUND_LAYER) if heads is not None else ({}, [])
+    tok = processor.tokenizer
+    ids_extra = dict(_assistant_id=tok.convert_tokens_to_ids("assistant"), _colon_id=tok.convert_tokens_to_ids(":"))
+    data = Batches(processor, geometry, batch_size, steps, seed, turns)
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
+                                         persistent_workers=False, prefetch_factor=4 if workers else None)
+    history, t0, window = [], time.time(), []
+    bar = None
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, desc=f"train {geometry}", unit="step", file=sys.stderr, mininterval=10)
+    except ImportError:
+        pass
+    try:
+        for step, batch in loader:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, steps, lr, max(1, steps // 20))
+            batch = {k: v.to(device) for k, v in batch.items()}
+            aux = {k: batch.pop(k) for k in ("patch_labels", "present", "n_objects", "ground") if k in batch}
+            with _autocast(device, bf16):
+                out = model(**batch, use_cache=False)
+                loss_lm = out.loss
+                loss = loss_lm
+                parts = {"lm": float(loss_lm)}
+                if heads is not None:
+                    vis = store["out"]
+                    feat = vis.hidden_states[model.config.vision_feature_layer][:, 1:]
+                    lp = F.cross_entropy(heads.patch(feat).flatten(0, 1).float(), aux["patch_labels"].flatten())
+                    # LLaVA overwrites pooler_output with the projected features: pool the CLS token here
+                    cls = _post_ln(model)(vis.last_hidden_state[:, 0])
+                    lpres = F.binary_cross_entropy_with_logits(heads.present(cls).float(), aux["present"])
+                    lcnt = F.cross_entropy(heads.count(cls).float(), aux["n_objects"])
+                    lg = grounding_loss(model, qk, dict(batch, **ids_extra), aux["ground"])
+                    loss = loss + aux_weight * (lp + lpres + lcnt) + ground_weight * lg
+                    parts.update(patch=float(lp), present=float(lpres), count=float(lcnt), ground=float(lg))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            window.append(parts)
+            if bar is not None:
+                bar.update(1)
+            if (step + 1) % 50 == 0 or step + 1 == steps:
+                mean = {k: round(float(np.mean([w[k] for w in window])), 4) for k in window[0]}
+                rec = dict(step=step + 1, seconds=round(time.time() - t0, 1), lr=opt.param_groups[0]["lr"], **mean)
+                window = []
+                if eval_fn is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+                    rec["validation"] = eval_fn(model)
+                    model.train()
+                history.append(rec)
+                log(json.dumps(rec))
+    finally:
+        handle.remove()
+        for h in qk_handles:
+            h.remove()
+        if bar is not None:
+            bar.close()
+    if freeze_vision:
+        for p in model.model.vision_tower.parameters():
+            p.requires_grad_(True)
+    return history
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m evals.proxy.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="folder for llava-proxy/ and llava-next-proxy/")
+    ap.add_argument("--steps", type=int, default=2400, help="stage A optimizer steps")
+    ap.add_argument("--batch-size", type=int, default=6, help="scenes per step (each with up to --turns questions)")
+    ap.add_argument("--turns", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--next-steps", type=int, default=200, help="stage B (AnyRes) steps; 0 skips stage B")
+    ap.add_argument("--next-batch-size", type=int, default=2)
+    ap.add_argument("--next-lr", type=float, default=2e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 autocast)")
+    ap.add_argument("--workers", type=int, default=-1, help="data workers (-1: 0 on CPU, 8 on CUDA)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: all cores)")
+    ap.add_argument("--eval-n", type=int, default=120, help="validation samples at the end of each stage")
+    ap.add_argument("--eval-every", type=int, default=600)
+    ap.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    args = ap.parse_args(argv)
+
+    from .evaluate import evaluate
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workers = args.workers if args.workers >= 0 else (8 if device.type == "cuda" else 0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "train.log", "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    meta = dict(command="python -m evals.proxy.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+                args=vars(args), device=str(device), torch=torch.__version__, python=platform.python_version(),
+                gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+                threads=torch.get_num_threads())
+    import transformers
+    meta["transformers"] = transformers.__version__
+    log(json.dumps(meta))
+    tok = pm.build_tokenizer()
+    proc = pm.build_processor("llava", tok)
+    model = pm.build_model("llava", seed=args.seed)
+
+    def val(m, geometry="llava", n=args.eval_n):
+        r = evaluate(m, pm.build_processor(geometry, tok), "validation", n=n, geometry=geometry, batch_size=32)
+        return {k: r[k] for k in ("overall", "families")}
+
+    t0 = time.time()
+    hist_a = train_stage(model, proc, "llava", args.steps, args.batch_size, args.lr, args.seed, device,
+                         not args.no_bf16, workers, args.turns, log, eval_every=args.eval_every, eval_fn=val)
+    time_a = time.time() - t0
+    model.to("cpu").float().eval()
+    dtype = getattr(torch, args.save_dtype)
+    meta_a = dict(meta, stage="A", seconds=round(time_a, 1), history=hist_a)
+    pm.save(model.to(dtype), proc, out / "llava-proxy", extra=meta_a)
+    model.float()
+    log(json.dumps({"stage": "A", "seconds": round(time_a, 1)}))
+    if args.next_steps:
+        nxt = pm.next_from_llava(model, seed=args.seed)
+        nproc = pm.build_processor("next", tok)
+        t1 = time.time()
+        hist_b = train_stage(nxt, nproc, "next", args.next_steps, args.next_batch_size, args.next_lr,
+                             args.seed + 1, device, not args.no_bf16, workers, args.turns, log,
+                             freeze_vision=True, eval_every=args.next_steps,
+                             eval_fn=lambda m: val(m, "next", max(60, args.eval_n // 3)))
+        time_b = time.time() - t1
+        nxt.to("cpu").float().eval()
+        pm.save(nxt.to(dtype), nproc, out / "llava-next-proxy",
+                extra=dict(meta, stage="B", seconds=round(time_b, 1), history=hist_b))
+        log(json.dumps({"stage": "B", "seconds": round(time_b, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,568 @@
+"""The evaluation harness: accuracy against cost for every method and budget, paired with the unpruned model.
+
+    vlprune eval                                    # the default grid on the shipped proxy LVLM
+    python -m evals.run --methods random,pool,cls_attn,fastv --keep 576,192,128,64 --n 200 --seed 0
+    accelerate launch --multi_gpu --num_processes 2 -m evals.run ...   # samples sharded over processes / GPUs
+                                                    # (on a CPU-only machine too; or torchrun --nproc_per_node 2)
+
+Every run is paired: the unpruned model and the random and pooling baselines run on the same samples as the
+methods asked for. Per method and budget it records accuracy (overall, per family and category, POPE's metrics on
+POPE files), agreement with the unpruned model's answers, visual tokens per decoder layer and equivalent tokens,
+TFLOPs of a prefill and of a generate call from vlprune's cost model, the median prefill and end-to-end latency
+(batch 1, on the first ``--latency-samples`` samples after a warm-up), peak memory, versions, seed and command.
+
+Output folder (``--out``): ``results.json`` (every number), ``results.md`` (a table for a README),
+``accuracy_vs_tflops.png``, and ``records/`` (one JSON line per sample and configuration). A run that stops
+continues from ``records/`` when started again with the same arguments; merged results do not depend on the
+number of processes (latency aside).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .benchmarks import Benchmark, Item, load_benchmark
+
+__all__ = ["main", "run", "parse_args", "build_grid", "Config"]
+
+BASELINES = ("random", "pool")
+DEFAULT_METHODS = "random,pool,cls_attn,fastv"
+DEFAULT_KEEP = "576,192,128,64"
+POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    method: str | None                   # None: the unpruned model
+    keep: int | None
+    kwargs: tuple = ()
+
+    @property
+    def key(self) -> str:
+        return "unpruned" if self.method is None else f"{self.method}@{self.keep}"
+
+
+# ----------------------------------------------------------------------------------------------------- set-up
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="vlprune eval", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="proxy",
+                    help="'proxy' (shipped LLaVA-1.5-geometry proxy), 'proxy-next', a local folder or a hub id")
+    ap.add_argument("--benchmark", default=None,
+                    help="'proxy', 'proxy-next' or a JSONL file (POPE format or image/question/answer); "
+                         "default: the proxy benchmark matching --model")
+    ap.add_argument("--format", default="auto", choices=["auto", "pope", "jsonl"])
+    ap.add_argument("--images", default=None, help="image folder for a JSONL benchmark (default: its folder)")
+    ap.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated registered methods")
+    ap.add_argument("--keep", default=DEFAULT_KEEP,
+                    help="comma-separated visual-token budgets; one equal to the image's tokens is the unpruned point")
+    ap.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                    help="a method hyperparameter, e.g. fastv.k=3 (repeatable)")
+    ap.add_argument("--n", type=int, default=200, help="samples (default 200)")
+    ap.add_argument("--seed", type=int, default=0, help="chooses the samples and seeds the random baseline")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 2 on the proxy, 16 otherwise")
+    ap.add_argument("--prompt-suffix", default=None,
+                    help="appended to each question (default: none on the proxy, LLaVA's short-answer instruction "
+                         "otherwise)")
+    ap.add_argument("--latency-samples", type=int, default=8, help="batch-1 timed samples per configuration")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
+    ap.add_argument("--out", default="results/eval", help="output folder")
+    ap.add_argument("--overwrite", action="store_true", help="discard what --out holds instead of resuming")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def _csv(text: str, what: str) -> list[str]:
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"--{what} is empty; give a comma-separated list")
+    return parts
+
+
+def parse_keep(text: str) -> list[int]:
+    out = []
+    for p in _csv(text, "keep"):
+        try:
+            v = int(p)
+        except ValueError:
+            raise ValueError(f"--keep value {p!r} is not an integer token count; e.g. --keep 576,192,128,64") from None
+        if v < 1:
+            raise ValueError(f"--keep value {v} must be at least 1")
+        out.append(v)
+    return sorted(set(out), reverse=True)
+
+
+def parse_params(items: Sequence[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for it in items:
+        if "=" not in it or "." not in it.split("=", 1)[0]:
+            raise ValueError(f"--param {it!r} must look like METHOD.NAME=VALUE, e.g. fastv.k=3")
+        lhs, value = it.split("=", 1)
+        method, name = lhs.split(".", 1)
+        try:
+            val = json.loads(value)
+        except json.JSONDecodeError:
+            val = value
+        out.setdefault(method, {})[name] = val
+    return out
+
+
+def build_grid(methods: Sequence[str], keeps: Sequence[int], n_visual: int, params: dict, seed: int) -> list[Config]:
+    """The unpruned model, then every method (random and pool first, always present) at every budget below
+    ``n_visual``. Unknown methods and budgets above ``n_visual`` raise ``ValueError``."""
+    from vlprune import list_methods
+    from vlprune.cli import method_kwargs
+
+    known = list_methods()
+    for m in methods:
+        if m not in known:
+            import difflib
+
+            close = difflib.get_close_matches(m, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown method {m!r}{hint} Registered methods: {', '.join(known)}")
+    for m in params:
+        if m not in methods and m not in BASELINES:
+            raise ValueError(f"--param names method {m!r}, which is not in --methods ({', '.join(methods)})")
+    for k in keeps:
+        if k > n_visual:
+            raise ValueError(f"--keep {k} is above the {n_visual} visual tokens per image of this model; "
+                             f"use budgets of at most {n_visual}")
+    order = list(BASELINES) + [m for m in methods if m not in BASELINES]
+    grid = [Config(None, None)]
+    for m in order:
+        for k in keeps:
+            if k >= n_visual:
+                continue
+            kw = method_kwargs(m, k, 2)
+            if m == "random":
+                kw["seed"] = seed
+            kw.update(params.get(m, {}))
+            grid.append(Config(m, k, tuple(sorted(kw.items()))))
+    return grid
+
+
+def load_model(spec: str, dtype: torch.dtype, device):
+    """``(model, processor, label)`` for 'proxy', 'proxy-next', a local folder or a hub id."""
+    if spec in ("proxy", "proxy-next"):
+        from .proxy import load
+
+        model, proc = load("llava" if spec == "proxy" else "next", dtype=dtype, device=str(device))
+        return model, proc, spec
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    cfg = AutoConfig.from_pretrained(spec)
+    classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+    if cfg.model_type not in classes:
+        raise ValueError(f"--model {spec!r} is a {cfg.model_type!r} model; the harness runs LLaVA ('llava') and "
+                         f"LLaVA-NeXT ('llava_next') models")
+    model = classes[cfg.model_type].from_pretrained(spec, dtype=dtype).to(device).eval()
+    return model, AutoProcessor.from_pretrained(spec), spec
+
+
+# ----------------------------------------------------------------------------------------------------- running
+class _Prompter:
+    def __init__(self, processor, bench: Benchmark, proxy: bool, suffix: str | None):
+        self.processor, self.bench, self.proxy = processor, bench, proxy
+        self.suffix = ("" if proxy else (POPE_SUFFIX if bench.kind == "pope" else "")) if suffix is None else suffix
+
+    def text(self, item: Item) -> str:
+        q = item.question + self.suffix
+        if self.proxy:
+            from .proxy.model import prompt
+
+            return prompt(q)
+        if getattr(self.processor, "chat_template", None):
+            conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+            return self.processor.apply_chat_template(conv, add_generation_prompt=True)
+        return f"USER: <image>\n{q} ASSISTANT:"
+
+    def inputs(self, items: Sequence[Item], device):
+        tok = self.processor.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            return self.processor(images=[it.image() for it in items], text=[self.text(it) for it in items],
+                                  return_tensors="pt", padding=True).to(device)
+        finally:
+            tok.padding_side = side
+
+
+class _PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 2 ms), in MiB."""
+
+    def __enter__(self):
+        self.peak, self._stop = 0, False
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return 0
+
+    def _loop(self):
+        while not self._stop:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def _method(cfg: Config):
+    from vlprune import get_method
+
+    return get_method(cfg.method, **dict(cfg.kwargs))
+
+
+def _generate(model, inputs, max_new_tokens: int, pad_id):
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+    return out[:, inputs["input_ids"].shape[1]:]
+
+
+def _answers(model, prompter, items, cfg, batch_size, max_new_tokens, device, bar=None) -> list[dict]:
+    import vlprune
+
+    tok = prompter.processor.tokenizer
+    recs = []
+    if cfg.method is not None:
+        vlprune.apply(model, _method(cfg))
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(items), batch_size):
+                chunk = items[i:i + batch_size]
+                new = _generate(model, prompter.inputs(chunk, device), max_new_tokens, tok.pad_token_id)
+                for it, text in zip(chunk, tok.batch_decode(new, skip_special_tokens=True)):
+                    recs.append(dict(config=cfg.key, index=it.index, prediction=text.strip()))
+                if bar is not None:
+                    bar.update(len(chunk))
+    finally:
+        if cfg.method is not None:
+            vlprune.remove(model)
+    return recs
+
+
+def _measure(model, prompter, items, cfg, max_new_tokens, device) -> dict:
+    """Batch-1 latency (median after one warm-up), cost and tokens per layer of ``cfg`` on ``items``."""
+    import vlprune
+    from vlprune.testing import identity_method
+
+    tok = prompter.processor.tokenizer
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    pre, e2e, tfl_pre, tfl_gen, vis, eq = [], [], [], [], [], []
+    if cfg.method is not None:
+        vlprune.apply(model, _method(cfg))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with torch.inference_mode(), _PeakRSS() as mem:
+            for j, it in enumerate(items):
+                inputs = prompter.inputs([it], device)
+                sync(); t0 = time.perf_counter()
+                model(**inputs, use_cache=True, logits_to_keep=1)
+                sync(); t1 = time.perf_counter()
+                _generate(model, inputs, max_new_tokens, tok.pad_token_id)
+                sync(); t2 = time.perf_counter()
+                if j > 0 or len(items) == 1:            # the first sample warms up
+                    pre.append(t1 - t0)
+                    e2e.append(t2 - t1)
+        # cost and token schedule, read through the engine (a method that changes nothing for the unpruned model)
+        if cfg.method is None:
+            vlprune.apply(model, identity_method())
+        try:
+            with torch.inference_mode():
+                for it in items:
+                    inputs = prompter.inputs([it], device)
+                    model(**inputs, use_cache=True, logits_to_keep=1)
+                    s = vlprune.stats(model)
+                    tfl_pre.append(s["cost"].tflops)
+                    vis.append(s["visual_per_layer"][0])
+                    eq.append(s["equivalent_tokens"][0])
+                    _generate(model, inputs, max_new_tokens, tok.pad_token_id)
+                    tfl_gen.append(vlprune.stats(model)["cost"].tflops)
+        finally:
+            if cfg.method is None:
+                vlprune.remove(model)
+    finally:
+        if cfg.method is not None and vlprune.is_applied(model):
+            vlprune.remove(model)
+    layers = [statistics.fmean(v[i] for v in vis) for i in range(len(vis[0]))] if vis else []
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else mem.peak / 2 ** 20
+    return dict(config=cfg.key, prefill_s=statistics.median(pre), e2e_s=statistics.median(e2e),
+                tflops_prefill=statistics.fmean(tfl_pre), tflops_generate=statistics.fmean(tfl_gen),
+                visual_per_layer=layers, equivalent_tokens=statistics.fmean(eq),
+                peak_memory_mib=peak, peak_memory_kind="cuda allocated" if cuda else "process RSS",
+                latency_samples=len(pre))
+
+
+# ----------------------------------------------------------------------------------------------------- results
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    if path.exists():
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass                          # a line cut by an interruption; it is computed again
+    return out
+
+
+def summarize(bench: Benchmark, grid: list[Config], records: list[dict], timing: dict) -> list[dict]:
+    by = {}
+    for r in records:
+        by[(r["config"], r["index"])] = r["prediction"]
+    items = sorted(bench.items, key=lambda it: it.index)
+    base = {it.index: by[("unpruned", it.index)] for it in items}
+    rows = []
+    missing = [(cfg.key, it.index) for cfg in grid for it in items if (cfg.key, it.index) not in by]
+    if missing:
+        raise RuntimeError(f"{len(missing)} answers are missing from the records (first: {missing[0]}); run the same "
+                           f"command again to complete them")
+    for cfg in grid:
+        recs = []
+        for it in items:
+            p = by[(cfg.key, it.index)]
+            recs.append(dict(index=it.index, family=it.family, category=it.category, answer=it.answer,
+                             prediction=p, correct=bench.score(p, it), agree=bench.same(p, base[it.index])))
+        n = len(recs)
+        fam, cat = {}, {}
+        for r in recs:
+            fam.setdefault(r["family"], []).append(r["correct"])
+            cat.setdefault(r["category"], []).append(r["correct"])
+        pct = lambda xs: 100.0 * sum(xs) / len(xs)  # noqa: E731
+        row = dict(config=cfg.key, method=cfg.method or "unpruned", keep=cfg.keep, params=dict(cfg.kwargs), n=n,
+                   accuracy=pct([r["correct"] for r in recs]),
+                   families={k: pct(v) for k, v in sorted(fam.items())},
+                   categories={k: pct(v) for k, v in sorted(cat.items())},
+                   agreement=pct([r["agree"] for r in recs]))
+        pope = bench.extra_metrics(recs)
+        if pope:
+            row["pope"] = pope
+        row.update({k: v for k, v in timing.get(cfg.key, {}).items() if k != "config"})
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    fams = sorted({f for r in rows for f in r["families"]}) if any(len(r["families"]) > 1 for r in rows) else []
+    head = ["method", "keep", "accuracy", "agree", "equiv. tokens", "TFLOPs prefill", "prefill ms", "e2e ms",
+            "peak MiB"] + fams
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], "all" if r["keep"] is None else str(r["keep"]), f"{r['accuracy']:.1f}",
+                 f"{r['agreement']:.1f}",
+                 f"{r['equivalent_tokens']:.1f}" if "equivalent_tokens" in r else "-",
+                 f"{r['tflops_prefill']:.4f}" if "tflops_prefill" in r else "-",
+                 f"{1000 * r['prefill_s']:.1f}" if "prefill_s" in r else "-",
+                 f"{1000 * r['e2e_s']:.1f}" if "e2e_s" in r else "-",
+                 f"{r['peak_memory_mib']:.0f}" if "peak_memory_mib" in r else "-"]
+        cells += [f"{r['families'].get(f, float('nan')):.1f}" for f in fams]
+        lines.append("| " + " | ".join(cells) + " |")
+    label = "proxy figures: " if meta.get("proxy") else ""
+    note = (f"\n{label}model `{meta['model']}`, benchmark `{meta['benchmark']}`, {meta['n']} samples, seed "
+            f"{meta['seed']}; accuracy and agreement with the unpruned answers in %; latency is the batch-1 median "
+            f"on {meta['device']} ({meta['processes']} process(es)).\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def plot(rows: list[dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    base = next(r for r in rows if r["method"] == "unpruned")
+    for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "unpruned"):
+        pts = sorted(((r["tflops_prefill"], r["accuracy"]) for r in rows
+                      if r["method"] == m and "tflops_prefill" in r))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    if "tflops_prefill" in base:
+        ax.scatter([base["tflops_prefill"]], [base["accuracy"]], marker="*", s=220, color="black", zorder=5,
+                   label="unpruned")
+    ax.set_xlabel("TFLOPs per request (prefill, vlprune cost model)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def _state():
+    try:
+        from accelerate import PartialState
+
+        # on a machine without CUDA, processes started by `accelerate launch --multi_gpu` or torchrun join a
+        # gloo group only when the state is told to run on the CPU
+        return PartialState(cpu=not torch.cuda.is_available())
+    except ImportError:
+        return None
+
+
+def run(args: argparse.Namespace) -> dict:
+    import transformers
+
+    import vlprune
+
+    state = _state()
+    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    main_proc = rank == 0
+    device = state.device if state else torch.device("cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        transformers.utils.logging.set_verbosity_error()
+    except Exception:  # pragma: no cover
+        pass
+    proxy = args.model in ("proxy", "proxy-next")
+    bench_spec = args.benchmark or ("proxy-next" if args.model == "proxy-next" else "proxy")
+    methods = _csv(args.methods, "methods")
+    keeps = parse_keep(args.keep)
+    params = parse_params(args.param)
+    bench = load_benchmark(bench_spec, args.n, args.seed, args.images, args.format)
+    dtype = getattr(torch, args.dtype)
+    model, processor, label = load_model(args.model, dtype, device)
+    prompter = _Prompter(processor, bench, proxy, args.prompt_suffix)
+    first = prompter.inputs(bench.items[:1], device)
+    n_visual = int((first["input_ids"][0] == model.config.image_token_id).sum())
+    grid = build_grid(methods, keeps, n_visual, params, args.seed)
+    max_new = args.max_new_tokens or (2 if proxy else 16)
+
+    out = Path(args.out)
+    rec_dir = out / "records"
+    fingerprint = dict(model=args.model, benchmark=bench_spec, format=args.format, n=len(bench.items),
+                       seed=args.seed, grid=[dataclasses.asdict(c) for c in grid], max_new_tokens=max_new,
+                       prompt_suffix=prompter.suffix, dtype=args.dtype, batch_size=args.batch_size)
+    fingerprint = json.loads(json.dumps(fingerprint))
+    if main_proc:
+        if args.overwrite and out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        rec_dir.mkdir(parents=True, exist_ok=True)
+        fp_path = out / "run.json"
+        if fp_path.exists():
+            old = json.loads(fp_path.read_text())
+            if old != fingerprint:
+                diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+                raise ValueError(f"{out} holds a run with other settings ({', '.join(diff)} differ); resume with the "
+                                 f"same arguments, pass another --out, or --overwrite to start again")
+        else:
+            fp_path.write_text(json.dumps(fingerprint, indent=1))
+    if state:
+        state.wait_for_everyone()
+
+    done = set()
+    for f in sorted(rec_dir.glob("records.*.jsonl")):
+        for r in _read_jsonl(f):
+            done.add((r["config"], r["index"]))
+    timing = {}
+    for r in _read_jsonl(out / "timing.jsonl"):
+        timing[r["config"]] = r
+    shard = bench.items[rank::world]
+    todo = {cfg.key: [it for it in shard if (cfg.key, it.index) not in done] for cfg in grid}
+    total = sum(len(v) for v in todo.values())
+    bar = None
+    if not args.no_progress and main_proc:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total * world, desc="grid", unit="answer", file=sys.stderr, mininterval=2)
+        except ImportError:
+            pass
+    t_start = time.time()
+    rec_path = rec_dir / f"records.{rank}.jsonl"
+    if rec_path.exists() and rec_path.stat().st_size:
+        with open(rec_path, "rb") as f:                # a line cut by an interruption: end it before appending
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+        if cut:
+            with open(rec_path, "a") as f:
+                f.write("\n")
+    with open(rec_path, "a") as rec_file:
+        for cfg in grid:
+            if bar is not None:
+                bar.set_postfix_str(cfg.key)
+            if todo[cfg.key]:
+                for r in _answers(model, prompter, todo[cfg.key], cfg, args.batch_size, max_new, device,
+                                  bar if world == 1 else None):
+                    rec_file.write(json.dumps(r) + "\n")
+                rec_file.flush()
+                if bar is not None and world > 1:
+                    bar.update(len(todo[cfg.key]) * world)
+            if main_proc and cfg.key not in timing and args.latency_samples > 0:
+                t = _measure(model, prompter, shard[: args.latency_samples + 1], cfg, max_new, device)
+                timing[cfg.key] = t
+                with open(out / "timing.jsonl", "a") as f:
+                    f.write(json.dumps(t) + "\n")
+    if bar is not None:
+        bar.close()
+    if state:
+        state.wait_for_everyone()
+    if not main_proc:
+        return {}
+    records = []
+    for f in sorted(rec_dir.glob("records.*.jsonl")):
+        records.extend(_read_jsonl(f))
+    rows = summarize(bench, grid, records, timing)
+    meta = dict(model=label, benchmark=bench_spec, proxy=proxy, n=len(bench.items), seed=args.seed,
+                processes=world, device=str(device), command="vlprune eval " + " ".join(sys.argv[1:]),
+                versions=dict(vlprune=vlprune.__version__, torch=torch.__version__,
+                              transformers=transformers.__version__, python=platform.python_version()),
+                max_new_tokens=max_new, prompt_suffix=prompter.suffix, visual_tokens_per_image=n_visual,
+                seconds_this_session=round(time.time() - t_start, 1),
+                note=("proxy figures: a small LVLM trained here on a procedural benchmark, not a pretrained model"
+                      if proxy else ""))
+    result = dict(meta=meta, results=rows)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.md").write_text(markdown(rows, meta))
+    plot(rows, out / "accuracy_vs_tflops.png",
+         f"{'proxy figures: ' if proxy else ''}{label} on {bench_spec}, n={len(bench.items)}")
+    return result
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        result = run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vlprune eval: error: {e}", file=sys.stderr)
+        return 2
+    if result:
+        print((Path(args.out) / "results.md").read_text())
+        print(f"wrote {Path(args.out) / 'results.json'}, results.md and accuracy_vs_tflops.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
