@@ -324,7 +324,8 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     hist_a = train_stage(model, proc, "llava", args.steps, args.batch_size, args.lr, args.seed, device,
-                         not args.no_bf16, workers, args.turns, log, eval_every=args.eval_every, eval_fn=val)
+                         not args.no_bf16, workers, args.turns, log, eval_every=args.eval_every,
+                         eval_fn=val if args.eval_n else None)
     time_a = time.time() - t0
     model.to("cpu").float().eval()
     dtype = getattr(torch, args.save_dtype)
@@ -339,7 +340,7 @@ def main(argv=None) -> int:
         hist_b = train_stage(nxt, nproc, "next", args.next_steps, args.next_batch_size, args.next_lr,
                              args.seed + 1, device, not args.no_bf16, workers, args.turns, log,
                              freeze_vision=True, eval_every=args.next_steps,
-                             eval_fn=lambda m: val(m, "next", max(60, args.eval_n // 3)))
+                             eval_fn=(lambda m: val(m, "next", max(60, args.eval_n // 2))) if args.eval_n else None)
         time_b = time.time() - t1
         nxt.to("cpu").float().eval()
         pm.save(nxt.to(dtype), nproc, out / "llava-next-proxy",
