@@ -211,3 +211,19 @@ def test_vlprune_eval_help_runs():
     proc = subprocess.run([sys.executable, "-m", "vlprune.cli", "eval", "--help"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0 and "--methods" in proc.stdout and "--keep" in proc.stdout
+
+
+@pytest.mark.skipif(not (Path(ROOT) / "evals/proxy/weights/llava-next-proxy/model.safetensors").exists(),
+                    reason="no AnyRes proxy weights in this checkout")
+def test_anyres_proxy_through_the_harness(tmp_path):
+    out = tmp_path / "next"
+    assert eval_main(["--model", "proxy-next", "--out", str(out), "--no-progress", "--methods", "pool",
+                      "--keep", "576", "--n", "2", "--batch-size", "2", "--latency-samples", "1"]) == 0
+    res = _results(out)
+    n_vis = res["meta"]["visual_tokens_per_image"]
+    assert n_vis > 576                                   # base view plus crops plus newline tokens
+    rows = {r["config"]: r for r in res["results"]}
+    assert set(rows) == {"unpruned", "random@576", "pool@576"}
+    assert rows["unpruned"]["equivalent_tokens"] == pytest.approx(n_vis)
+    assert rows["pool@576"]["equivalent_tokens"] <= 576
+    assert rows["pool@576"]["tflops_prefill"] < rows["unpruned"]["tflops_prefill"]
