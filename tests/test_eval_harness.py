@@ -227,3 +227,6 @@ def test_anyres_proxy_through_the_harness(tmp_path):
     assert rows["unpruned"]["equivalent_tokens"] == pytest.approx(n_vis)
     assert rows["pool@576"]["equivalent_tokens"] <= 576
     assert rows["pool@576"]["tflops_prefill"] < rows["unpruned"]["tflops_prefill"]
+    assert (out / "accuracy_vs_tflops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "results.md").read_text()
+    assert "| unpruned | all |" in table and "| pool | 576 |" in table and "proxy figures" in table

@@ -27,13 +27,13 @@ def path(geometry: str = "llava") -> Path:
     return p
 
 
-def load(geometry: str = "llava", dtype=None, device: str = "cpu", attn: str = "sdpa"):
-    """``(model, processor)`` of the shipped proxy, in eval mode. ``dtype`` defaults to float32 (the weights are
-    stored in bfloat16)."""
+def load(geometry: str = "llava", dtype=None, device: str = "cpu", attn: str = "sdpa", folder=None):
+    """``(model, processor)`` of the shipped proxy (or of the proxy saved in ``folder``), in eval mode. ``dtype``
+    defaults to float32 (the weights are stored in bfloat16)."""
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     cls = LlavaForConditionalGeneration if geometry == "llava" else LlavaNextForConditionalGeneration
-    p = path(geometry)
+    p = path(geometry) if folder is None else Path(folder)
     model = cls.from_pretrained(p, dtype=dtype or torch.float32, attn_implementation=attn).to(device).eval()
     return model, AutoProcessor.from_pretrained(p)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import load
 from .evaluate import evaluate
 from .scenes import FAMILIES
 
@@ -38,14 +39,6 @@ LIMITS = {
         "exercise AnyRes code paths and costs, not to rank methods."
     ),
 }
-
-
-def _load(path: Path, geometry: str, device):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
-
-    cls = LlavaForConditionalGeneration if geometry == "llava" else LlavaNextForConditionalGeneration
-    model = cls.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    return model, AutoProcessor.from_pretrained(path)
 
 
 def _strip(r: dict) -> dict:
@@ -148,7 +141,7 @@ def main(argv=None) -> int:
         if not (path / "config.json").exists():
             print(f"skip {path}: no model there", file=sys.stderr)
             continue
-        model, proc = _load(path, geometry, device)
+        model, proc = load(geometry, device=str(device), folder=path)
         t0 = time.time()
         rep = {"vocab_size": len(proc.tokenizer)}
         if geometry == "llava":
