@@ -260,7 +260,10 @@ def _answers(model, prompter, items, cfg, batch_size, max_new_tokens, device, ba
 
 
 def _measure(model, prompter, items, cfg, max_new_tokens, device) -> dict:
-    """Batch-1 latency (median after one warm-up), cost and tokens per layer of ``cfg`` on ``items``."""
+    """Batch-1 latency (median after one warm-up), cost and tokens per layer of ``cfg`` on ``items``.
+
+    A method's cost is read from ``vlprune.stats`` in the timed pass, between the timed calls; the unpruned model is
+    timed without hooks and its cost read in a second, untimed pass through a method that changes nothing."""
     import vlprune
     from vlprune.testing import identity_method
 
@@ -268,41 +271,40 @@ def _measure(model, prompter, items, cfg, max_new_tokens, device) -> dict:
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     pre, e2e, tfl_pre, tfl_gen, vis, eq = [], [], [], [], [], []
-    if cfg.method is not None:
-        vlprune.apply(model, _method(cfg))
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        with torch.inference_mode(), _PeakRSS() as mem:
+
+    def one_pass(timed: bool, read: bool) -> None:
+        with torch.inference_mode():
             for j, it in enumerate(items):
                 inputs = prompter.inputs([it], device)
                 sync(); t0 = time.perf_counter()
                 model(**inputs, use_cache=True, logits_to_keep=1)
                 sync(); t1 = time.perf_counter()
-                _generate(model, inputs, max_new_tokens, tok.pad_token_id)
-                sync(); t2 = time.perf_counter()
-                if j > 0 or len(items) == 1:            # the first sample warms up
-                    pre.append(t1 - t0)
-                    e2e.append(t2 - t1)
-        # cost and token schedule, read through the engine (a method that changes nothing for the unpruned model)
-        if cfg.method is None:
-            vlprune.apply(model, identity_method())
-        try:
-            with torch.inference_mode():
-                for it in items:
-                    inputs = prompter.inputs([it], device)
-                    model(**inputs, use_cache=True, logits_to_keep=1)
+                if read:
                     s = vlprune.stats(model)
                     tfl_pre.append(s["cost"].tflops)
                     vis.append(s["visual_per_layer"][0])
                     eq.append(s["equivalent_tokens"][0])
-                    _generate(model, inputs, max_new_tokens, tok.pad_token_id)
+                t2 = time.perf_counter()
+                _generate(model, inputs, max_new_tokens, tok.pad_token_id)
+                sync(); t3 = time.perf_counter()
+                if read:
                     tfl_gen.append(vlprune.stats(model)["cost"].tflops)
-        finally:
-            if cfg.method is None:
-                vlprune.remove(model)
+                if timed and (j > 0 or len(items) == 1):        # the first sample warms up
+                    pre.append(t1 - t0)
+                    e2e.append(t3 - t2)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        if cfg.method is not None:
+            vlprune.apply(model, _method(cfg))
+        with _PeakRSS() as mem:
+            one_pass(timed=True, read=cfg.method is not None)
+        if cfg.method is None:
+            vlprune.apply(model, identity_method())
+            one_pass(timed=False, read=True)
     finally:
-        if cfg.method is not None and vlprune.is_applied(model):
+        if vlprune.is_applied(model):
             vlprune.remove(model)
     layers = [statistics.fmean(v[i] for v in vis) for i in range(len(vis[0]))] if vis else []
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else mem.peak / 2 ** 20
@@ -314,7 +316,7 @@ def _measure(model, prompter, items, cfg, max_new_tokens, device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- results
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_records(path: Path) -> list[dict]:
     out = []
     if path.exists():
         with open(path) as f:
@@ -484,10 +486,10 @@ def run(args: argparse.Namespace) -> dict:
 
     done = set()
     for f in sorted(rec_dir.glob("records.*.jsonl")):
-        for r in _read_jsonl(f):
+        for r in _read_records(f):
             done.add((r["config"], r["index"]))
     timing = {}
-    for r in _read_jsonl(out / "timing.jsonl"):
+    for r in _read_records(out / "timing.jsonl"):
         timing[r["config"]] = r
     shard = bench.items[rank::world]
     todo = {cfg.key: [it for it in shard if (cfg.key, it.index) not in done] for cfg in grid}
@@ -533,7 +535,7 @@ def run(args: argparse.Namespace) -> dict:
         return {}
     records = []
     for f in sorted(rec_dir.glob("records.*.jsonl")):
-        records.extend(_read_jsonl(f))
+        records.extend(_read_records(f))
     rows = summarize(bench, grid, records, timing)
     meta = dict(model=label, benchmark=bench_spec, proxy=proxy, n=len(bench.items), seed=args.seed,
                 processes=world, device=str(device), command="vlprune eval " + " ".join(sys.argv[1:]),

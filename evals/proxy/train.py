@@ -86,13 +86,19 @@ def make_batch(processor, geometry: str, batch_size: int, seed: int, step: int, 
     ids = b["input_ids"]
     labels = torch.full_like(ids, -100)
     a_id, c_id, eos = tok.convert_tokens_to_ids("assistant"), tok.convert_tokens_to_ids(":"), tok.eos_token_id
-    hit = (ids[:, :-2] == a_id) & (ids[:, 1:-1] == c_id)            # answer token at j + 2, eos at j + 3
+    hit = (ids[:, :-2] == a_id) & (ids[:, 1:-1] == c_id)
     rows, cols = torch.nonzero(hit, as_tuple=True)
-    labels[rows, cols + 2] = ids[rows, cols + 2]
-    ok = cols + 3 < ids.shape[1]
-    labels[rows[ok], cols[ok] + 3] = eos
+    cols = cols + 1                                                  # the ':' that predicts each answer
+    labels[rows, cols + 1] = ids[rows, cols + 1]                     # the answer word
+    ok = cols + 2 < ids.shape[1]
+    labels[rows[ok], cols[ok] + 2] = eos                             # and the end of the turn
+    answer_at = torch.full((ids.shape[0], turns), -1, dtype=torch.long)
+    for i in range(ids.shape[0]):
+        at = cols[rows == i]
+        answer_at[i, : len(at)] = at
     out = dict(b)
     out["labels"] = labels
+    out["answer_at"] = answer_at
     if patches:
         out["patch_labels"] = torch.from_numpy(np.stack(patches))
         out["present"] = torch.from_numpy(np.stack(present))
@@ -132,16 +138,16 @@ def _capture_qk(model, layer: int):
     return store, hs
 
 
-def grounding_loss(model, store, batch, ground) -> torch.Tensor:
+def grounding_loss(model, store, ids, mask, answer_at, ground) -> torch.Tensor:
     """-log of the attention mass that one head (GROUND_LAYER, GROUND_HEAD) puts, from the position that predicts
-    each answer, on the patches of the objects the question is about (turns without such objects are skipped).
+    each answer (``answer_at``, -1 padded per turn), on the patches of the objects the question is about (turns
+    without such objects are skipped).
     The head's attention is recomputed from the captured q/k projections with RoPE, for those rows only."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     cfg = model.config.text_config
     hd = cfg.hidden_size // cfg.num_attention_heads
     group = cfg.num_attention_heads // cfg.num_key_value_heads
-    ids, mask = batch["input_ids"], batch["attention_mask"]
     b_, t_ = ids.shape
     q = store["q"].view(b_, t_, -1, hd)[:, :, GROUND_HEAD]
     k = store["k"].view(b_, t_, -1, hd)[:, :, GROUND_HEAD // group]
@@ -149,19 +155,14 @@ def grounding_loss(model, store, batch, ground) -> torch.Tensor:
     cos, sin = model.model.language_model.rotary_emb(q, pos)
     q, k = apply_rotary_pos_emb(q[:, None], k[:, None], cos, sin)
     q, k = q[:, 0].float(), k[:, 0].float()
-    tok = model.config
-    a_id, c_id = batch["_assistant_id"], batch["_colon_id"]
-    hit = (ids[:, :-1] == a_id) & (ids[:, 1:] == c_id)
     losses = []
-    img = ids == tok.image_token_id
+    img = ids == model.config.image_token_id
     for b in range(b_):
-        rows = torch.nonzero(hit[b], as_tuple=True)[0] + 1          # the ':' that predicts the answer
         first = int(torch.nonzero(img[b], as_tuple=True)[0][0])
-        g = ground[b, : len(rows)]
-        keep = g.any(-1)
+        keep = (answer_at[b] >= 0) & ground[b].any(-1)
         if not keep.any():
             continue
-        rows, g = rows[keep], g[keep]
+        rows, g = answer_at[b][keep], ground[b][keep]
         logits = (q[b, rows] @ k[b].T) / math.sqrt(hd)               # (R, T)
         allowed = (torch.arange(t_, device=ids.device)[None] <= rows[:, None]) & mask[b].bool()[None]
         logits = logits.masked_fill(~allowed, float("-inf"))
@@ -208,8 +209,6 @@ def train_stage(model, processor, geometry: str, steps: int, batch_size: int, lr
                             lr=lr, betas=(0.9, 0.98), eps=1e-8)
     store, handle = _capture_vision(model)
     qk, qk_handles = _capture_qk(model, GROUND_LAYER) if heads is not None else ({}, [])
-    tok = processor.tokenizer
-    ids_extra = dict(_assistant_id=tok.convert_tokens_to_ids("assistant"), _colon_id=tok.convert_tokens_to_ids(":"))
     data = Batches(processor, geometry, batch_size, steps, seed, turns)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
                                          persistent_workers=False, prefetch_factor=4 if workers else None)
@@ -225,7 +224,8 @@ def train_stage(model, processor, geometry: str, steps: int, batch_size: int, lr
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps, lr, max(1, steps // 20))
             batch = {k: v.to(device) for k, v in batch.items()}
-            aux = {k: batch.pop(k) for k in ("patch_labels", "present", "n_objects", "ground") if k in batch}
+            aux = {k: batch.pop(k) for k in ("patch_labels", "present", "n_objects", "ground", "answer_at")
+                   if k in batch}
             with _autocast(device, bf16):
                 out = model(**batch, use_cache=False)
                 loss_lm = out.loss
@@ -239,7 +239,8 @@ def train_stage(model, processor, geometry: str, steps: int, batch_size: int, lr
                     cls = _post_ln(model)(vis.last_hidden_state[:, 0])
                     lpres = F.binary_cross_entropy_with_logits(heads.present(cls).float(), aux["present"])
                     lcnt = F.cross_entropy(heads.count(cls).float(), aux["n_objects"])
-                    lg = grounding_loss(model, qk, dict(batch, **ids_extra), aux["ground"])
+                    lg = grounding_loss(model, qk, batch["input_ids"], batch["attention_mask"], aux["answer_at"],
+                                        aux["ground"])
                     loss = loss + aux_weight * (lp + lpres + lcnt) + ground_weight * lg
                     parts.update(patch=float(lp), present=float(lpres), count=float(lcnt), ground=float(lg))
             opt.zero_grad(set_to_none=True)
