@@ -105,7 +105,9 @@ def is_applied(model) -> bool:
 def stats(model) -> dict:
     """What the last call (a forward, or a generate with its decoding steps) actually ran, and its cost.
 
-    Keys: ``method``; ``images`` (per image: sample, visual_tokens, kept, kept_indices); per sample
+    Keys: ``method``; ``images`` (per image: sample, visual_tokens, kept, kept_indices, ``partitions`` and
+    ``kept_per_partition``: tokens per source before and after the PRE_LLM stage, e.g. {"base": 576, "crop1": 576,
+    ..., "newline": 48}; ``kept_per_partition`` is None when the method merged tokens); per sample
     ``tokens_per_layer`` and ``visual_per_layer`` (prefill, per decoder layer), ``equivalent_tokens`` (mean visual
     tokens per layer), ``kept_positions`` (prompt positions of the visual tokens that reached the last layer);
     ``schedule`` (vlprune.cost.Schedule) and ``cost`` (vlprune.cost.CostReport of that schedule).

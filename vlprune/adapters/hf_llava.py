@@ -145,8 +145,10 @@ class HFLlavaAdapter:
         base_vit = torch.arange(1, s * s + 1)
         kinds, crops, vits, grids = [torch.full((s * s,), TOKEN_PATCH)], [torch.zeros(s * s, dtype=torch.long)], [base_vit], []
         parts = [Partition("base", torch.arange(s * s), (s, s))]
+        tiles = None
         if n_crops > 1:
             nph, npw = get_anyres_image_grid_shape(image_size, pinpoints, self.vcfg.image_size)
+            tiles = (int(nph), int(npw))
             r = torch.arange(nph * s)[:, None].expand(nph * s, npw * s)
             c = torch.arange(npw * s)[None, :].expand(nph * s, npw * s)
             crop = 1 + (r // s) * npw + (c // s)
@@ -174,7 +176,7 @@ class HFLlavaAdapter:
         if grids:
             crop_grid[s * s :] = grids[0]
         return ImageLayout(kind=kind, crop=torch.cat(crops), vit_index=torch.cat(vits), partitions=parts,
-                           n_crops=n_crops, crop_grid=crop_grid)
+                           n_crops=n_crops, crop_grid=crop_grid, tiles=tiles)
 
     # ------------------------------------------------------------------------------------------------ attach
     def attach(self, state) -> None:
@@ -390,11 +392,11 @@ class HFLlavaAdapter:
                 k = s.keep.cpu()
                 if s.features is not None:
                     feats = s.features
-                    merged_full = torch.full((img.n,), -1, dtype=torch.long)
                     if s.merged_from is not None:
+                        merged_full = torch.full((img.n,), -1, dtype=torch.long)
                         mf = s.merged_from.cpu()
                         merged_full[sel_keep[mf >= 0]] = sel_keep[k[mf[mf >= 0]]]
-                    merged = merged_full
+                        merged = merged_full
                 elif feats is not None:
                     feats = feats[k.to(feats.device)]
                 sel_keep = sel_keep[k]
@@ -408,7 +410,8 @@ class HFLlavaAdapter:
                     new_feats[(img.sample, ppos)] = feats[j]
             state.run.images.append(
                 {"sample": img.sample, "visual_tokens": img.n, "kept": int(sel_keep.numel()), "kept_indices": sel_keep,
-                 "merged_into": merged}
+                 "merged_into": merged, "partitions": img.layout.partition_counts(),
+                 "kept_per_partition": None if merged is not None else img.layout.partition_counts(sel_keep)}
             )
         seq = SeqState(
             original=torch.arange(t, device=emb.device)[None].expand(b, t).clone(),

@@ -1,6 +1,8 @@
 """Built-in methods; importing this module registers them."""
 from .base import Compose, ImageSelection, ImageTokens, LayerContext, Method, Stage
 from .baselines import ClsAttention, FastV, RandomPrune, SpatialPool
+from .globalcom2 import GlobalCom2
+from .hired import HiRED
 
 __all__ = ["Compose", "ImageSelection", "ImageTokens", "LayerContext", "Method", "Stage",
-           "ClsAttention", "FastV", "RandomPrune", "SpatialPool"]
+           "ClsAttention", "FastV", "GlobalCom2", "HiRED", "RandomPrune", "SpatialPool"]

@@ -53,6 +53,7 @@ class ImageLayout:
     image for LLaVA-1.5; 0 = base image, 1.. = crops for LLaVA-NeXT) or -1.  vit_index: (N,) index of the token in
     that crop's ViT sequence (CLS = 0, patch p = p + 1) or -1 for newline tokens.  partitions: the grids.
     crop_grid: (N,) for AnyRes grid tokens the (row, col) of the crop tile, else (-1, -1) — (N, 2).
+    tiles: AnyRes tile grid (rows, cols) of the crops (crop index = 1 + row*cols + col), None without crops.
     """
 
     kind: torch.Tensor
@@ -61,10 +62,28 @@ class ImageLayout:
     partitions: list[Partition]
     n_crops: int
     crop_grid: torch.Tensor | None = None
+    tiles: tuple[int, int] | None = None
 
     @property
     def n(self) -> int:
         return int(self.kind.shape[0])
+
+    def partition_counts(self, keep: torch.Tensor | None = None) -> dict[str, int]:
+        """Tokens per source among ``keep`` (all when None): "image" (LLaVA-1.5) or "base" and "crop1".. (AnyRes),
+        plus "newline" and "cls" where present."""
+        idx = torch.arange(self.n) if keep is None else keep.cpu()
+        kind, crop = self.kind[idx], self.crop[idx]
+        out: dict[str, int] = {}
+        patch = kind == TOKEN_PATCH
+        if self.crop_grid is None:
+            out["image"] = int(patch.sum())
+        else:
+            for c in range(self.n_crops):
+                out["base" if c == 0 else f"crop{c}"] = int((patch & (crop == c)).sum())
+        for name, k in (("newline", TOKEN_NEWLINE), ("cls", TOKEN_CLS)):
+            if bool((self.kind == k).any()):
+                out[name] = int((kind == k).sum())
+        return out
 
     def subset(self, keep: torch.Tensor) -> "ImageLayout":
         """Layout of the kept tokens (keep: (K,) ascending). Grids of partitions become token lists of kept members."""
@@ -81,6 +100,7 @@ class ImageLayout:
             partitions=parts,
             n_crops=self.n_crops,
             crop_grid=None if self.crop_grid is None else self.crop_grid[keep.cpu()],
+            tiles=self.tiles,
         )
 
 
