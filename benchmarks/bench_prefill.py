@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Prefill latency and FLOPs of every registered method against the unpruned model, side by side in one run.
 
-The host is a random-weight LLaVA-1.5-style model of "bench-S" size (spec/environment.md section 4), built from
-configs (no download): bf16, Llama LM with hidden 1024, 24 layers, 16 heads (MHA), MLP 2752, vocabulary 32064;
-CLIP ViT-B/14 at 336 px (hidden 768, 12 layers, 12 heads, MLP 3072) with LLaVA's 2-layer GELU projector.
-The input is one synthetic image (576 visual tokens) and a prompt of about 50 text tokens.
+The host is a random-weight model of "bench-S" size (spec/environment.md section 4), built from configs (no
+download): bf16, Llama LM with hidden 1024, 24 layers, 16 heads (MHA), MLP 2752, vocabulary 32064; CLIP ViT-B/14
+at 336 px (hidden 768, 12 layers, 12 heads, MLP 3072) with LLaVA's 2-layer GELU projector. ``--host llava``
+(LLaVA-1.5): one synthetic 336x336 image, 576 visual tokens. ``--host next`` (LLaVA-NeXT, AnyRes pinpoints
+336x672, 672x336, 672x672, LLaVA-NeXT's image_newline): one synthetic ``--image-size`` image (default 672x672: a
+thumbnail and a 2x2 crop grid, 2928 visual tokens). The prompt has about 50 text tokens besides the image.
 
 Prefill = ``model(**inputs, use_cache=True, logits_to_keep=1)``: vision tower, projector, the decoder over the
 prompt (KV cache filled) and lm_head on the last token, i.e. what ``generate`` does before its first new token.
@@ -16,6 +18,10 @@ no hooks attached.
 
     python benchmarks/bench_prefill.py --repeats 5
     python benchmarks/bench_prefill.py --keep 128 --dtype float32 --out /tmp/bench.json
+    python benchmarks/bench_prefill.py --host next --keep-ratio 0.2 --methods hired globalcom2 random pool
+
+"method s" is the method's own work (``vlprune.stats(model)["method_seconds"]``: ViT score capture, selection,
+pruning decisions), reported beside the pruned prefill it is part of.
 
 Writes JSON (``--out``, default benchmarks/results/prefill_bench.json) and a Markdown table next to it (.md).
 Random weights: the numbers are about cost and latency only, never accuracy.
@@ -51,31 +57,52 @@ QUESTION = ("Describe the picture in detail. What is shown in this image? How ma
             "Is there a cat, a dog or a tree? The color is blue, green or red.")
 
 
-def build_model(dtype: torch.dtype, seed: int = 0):
-    """bench-S LLaVA-1.5 (random weights, sdpa) and its processor."""
+PINPOINTS = [[336, 672], [672, 336], [672, 672]]
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+MODEL_NAMES = {
+    "llava": "bench-S LLaVA-1.5 (random weights): LM 1024x24 h16 m2752 V32064 + CLIP ViT-B/14-336",
+    "next": "bench-S LLaVA-NeXT (random weights, AnyRes 2x2 max): LM 1024x24 h16 m2752 V32064 + CLIP ViT-B/14-336",
+}
+
+
+def build_model(dtype: torch.dtype, seed: int = 0, host: str = "llava"):
+    """bench-S LLaVA-1.5 or LLaVA-NeXT (random weights, sdpa) and its processor."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers import LlavaProcessor
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor
 
     tok = make_tokenizer()
-    img_proc = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                  image_mean=[0.48145466, 0.4578275, 0.40821073],
-                                  image_std=[0.26862954, 0.26130258, 0.27577711], do_convert_rgb=True)
-    processor = LlavaProcessor(image_processor=img_proc, tokenizer=tok, patch_size=14,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    cfg = LlavaConfig(
+    common = dict(
         vision_config=CLIPVisionConfig(**BENCH_S["vision"]),
         text_config=LlamaConfig(**BENCH_S["text"], bos_token_id=1, eos_token_id=2, pad_token_id=3),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2, vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
+    if host == "next":
+        from transformers import LlavaNextImageProcessor
+
+        img_proc = LlavaNextImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                           image_grid_pinpoints=PINPOINTS, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                                           do_convert_rgb=True)
+        processor = LlavaNextProcessor(image_processor=img_proc, tokenizer=tok, patch_size=14,
+                                       vision_feature_select_strategy="default", num_additional_image_tokens=1)
+        cfg, cls = LlavaNextConfig(**common, image_grid_pinpoints=PINPOINTS), LlavaNextForConditionalGeneration
+    elif host == "llava":
+        img_proc = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                      image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
+        processor = LlavaProcessor(image_processor=img_proc, tokenizer=tok, patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+        cfg, cls = LlavaConfig(**common), LlavaForConditionalGeneration
+    else:
+        raise ValueError(f"host must be 'llava' or 'next'; got {host!r}")
     previous = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if dtype.is_floating_point and dtype != torch.float32:
             torch.set_default_dtype(dtype)  # initialise straight in the target dtype (half the peak memory)
         try:
-            model = LlavaForConditionalGeneration(cfg)
+            model = cls(cfg)
         finally:
             torch.set_default_dtype(previous)
     model = model.to(dtype).eval()
@@ -83,8 +110,8 @@ def build_model(dtype: torch.dtype, seed: int = 0):
     return model, processor
 
 
-def build_inputs(processor, dtype: torch.dtype, text_tokens: int, seed: int = 0):
-    """One 336x336 synthetic image (576 <image> tokens) and a prompt with about ``text_tokens`` other tokens."""
+def build_inputs(processor, dtype: torch.dtype, text_tokens: int, seed: int = 0, size=(336, 336)):
+    """One synthetic image of ``size`` (width, height) and a prompt with about ``text_tokens`` other tokens."""
     tok = processor.tokenizer
     words = QUESTION.split()
     question, i = "", 0
@@ -95,7 +122,7 @@ def build_inputs(processor, dtype: torch.dtype, text_tokens: int, seed: int = 0)
             break
         question = (question + " " + words[i % len(words)]).strip()
         i += 1
-    inputs = processor(images=[synthetic_image((336, 336), seed=seed)], text=[prompt], return_tensors="pt")
+    inputs = processor(images=[synthetic_image(size, seed=seed)], text=[prompt], return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return dict(inputs), prompt
 
@@ -103,8 +130,8 @@ def build_inputs(processor, dtype: torch.dtype, text_tokens: int, seed: int = 0)
 def markdown_table(result: dict) -> str:
     lines = [
         "| method | kept tokens | prefill s (median) | prefill s (min) | speed-up vs unpruned | FLOPs ratio | TFLOPs | "
-        "scoring overhead |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "scoring overhead | method s (share of its prefill) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
         share = r["scoring_flops"] / r["total_flops"] if r["total_flops"] else 0.0
@@ -112,7 +139,8 @@ def markdown_table(result: dict) -> str:
         lines.append(
             f"| {r['method']} | {r['kept']} / {r['visual_in']} | {r['prefill_s']:.3f} | {r['prefill_s_min']:.3f} | "
             f"{r['speedup']:.2f}x | "
-            f"{r['flops_ratio']:.3f} | {r['total_flops'] / 1e12:.3f} | {scoring} |"
+            f"{r['flops_ratio']:.3f} | {r['total_flops'] / 1e12:.3f} | {scoring} | "
+            + ("-" if r["method_s"] is None else f"{r['method_s']:.4f} ({100 * r['method_share']:.2f}%)") + " |"
         )
     return "\n".join(lines)
 
@@ -120,7 +148,11 @@ def markdown_table(result: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up; the median is reported")
+    ap.add_argument("--host", default="llava", choices=["llava", "next"], help="LLaVA-1.5 or LLaVA-NeXT bench-S")
+    ap.add_argument("--image-size", default="672x672", help="WxH of the image for --host next (default 672x672)")
     ap.add_argument("--keep", type=int, default=64, help="visual tokens to keep (default 64)")
+    ap.add_argument("--keep-ratio", type=float, default=None,
+                    help="share of visual tokens to keep instead of --keep (HiRED/GlobalCom2 budgets are ratios)")
     ap.add_argument("--k", type=int, default=2, help="FastV's pruning layer K (default 2)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     ap.add_argument("--text-tokens", type=int, default=50, help="text tokens in the prompt besides the image")
@@ -140,25 +172,38 @@ def main(argv=None) -> int:
     names = args.methods or vlprune.list_methods()
 
     t0 = time.perf_counter()
-    model, processor = build_model(dtype, args.seed)
+    model, processor = build_model(dtype, args.seed, args.host)
     build_s = time.perf_counter() - t0
-    inputs, prompt = build_inputs(processor, dtype, args.text_tokens, args.seed)
+    try:
+        size = (336, 336) if args.host == "llava" else tuple(int(v) for v in args.image_size.lower().split("x"))
+        assert len(size) == 2 and min(size) > 0
+    except (ValueError, AssertionError):
+        ap.error(f"--image-size must be WIDTHxHEIGHT in pixels, e.g. 672x672; got {args.image_size!r}")
+    inputs, prompt = build_inputs(processor, dtype, args.text_tokens, args.seed, size)
     n_tokens = int(inputs["input_ids"].shape[1])
     n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"bench-S LLaVA ({n_params / 1e6:.0f}M params, {args.dtype}, built in {build_s:.1f} s); prompt "
-          f"{n_tokens} tokens = {n_image} image + {n_tokens - n_image} text; keep={args.keep}, fastv k={args.k}; "
+    budget = f"keep_ratio={args.keep_ratio}" if args.keep_ratio is not None else f"keep={args.keep}"
+    print(f"{MODEL_NAMES[args.host]} ({n_params / 1e6:.0f}M params, {args.dtype}, built in {build_s:.1f} s); prompt "
+          f"{n_tokens} tokens = {n_image} image + {n_tokens - n_image} text; {budget}, fastv k={args.k}; "
           f"{args.threads} threads; 1 warm-up + {args.repeats} interleaved rounds", flush=True)
 
+    def kwargs_of(n):
+        kw = method_kwargs(n, args.keep, args.k)
+        if args.keep_ratio is not None:
+            kw.pop("keep")
+            kw["keep_ratio"] = args.keep_ratio
+        return kw
+
     configs = [("unpruned", None)] + [
-        (n + (f" k={args.k}" if n == "fastv" else ""), vlprune.get_method(n, **method_kwargs(n, args.keep, args.k)))
-        for n in names
+        (n + (f" k={args.k}" if n == "fastv" else ""), vlprune.get_method(n, **kwargs_of(n))) for n in names
     ]
 
     def prefill():
         return model(**inputs, use_cache=True, logits_to_keep=1)
 
     times: dict[str, list[float]] = {label: [] for label, _ in configs}
+    method_s: dict[str, list[float]] = {label: [] for label, _ in configs}
     info: dict[str, dict] = {}
     with torch.inference_mode():
         for rnd in range(args.repeats + 1):  # round 0 is the warm-up
@@ -169,9 +214,12 @@ def main(argv=None) -> int:
                     t = time.perf_counter()
                     prefill()
                     dt = time.perf_counter() - t
-                    if rnd == 0 and method is not None:
+                    if method is not None:
                         s = vlprune.stats(model)
-                        info[label] = {"stats": s, "method": method}
+                        if rnd == 0:
+                            info[label] = {"stats": s, "method": method}
+                        else:
+                            method_s[label].append(s["method_seconds"])
                 finally:
                     vlprune.remove(model)
                 if rnd > 0:
@@ -208,11 +256,16 @@ def main(argv=None) -> int:
             "flops_ratio": c.total / base_flops,
             "scoring_flops": c.scoring,
             "scoring_share": c.scoring / c.total if c.total else 0.0,
+            "method_s": None if method is None else statistics.median(method_s[label]),
+            "method_share": None if method is None else statistics.median(method_s[label]) / med,
             "cost": c.as_dict(),
         })
     result = {
         "benchmark": "prefill",
-        "model": "bench-S LLaVA-1.5 (random weights): LM 1024x24 h16 m2752 V32064 + CLIP ViT-B/14-336",
+        "model": MODEL_NAMES[args.host],
+        "host": args.host,
+        "image_size": list(size),
+        "keep_ratio": args.keep_ratio,
         "dtype": args.dtype,
         "params": n_params,
         "prompt_tokens": n_tokens,
@@ -239,7 +292,7 @@ def main(argv=None) -> int:
     tmp.replace(out)
     md = out.with_suffix(".md")
     md.write_text(
-        f"Prefill, {result['model']}, {args.dtype}, {n_tokens} prompt tokens ({n_image} image), keep={args.keep}, "
+        f"Prefill, {result['model']}, {args.dtype}, {n_tokens} prompt tokens ({n_image} image), {budget}, "
         f"median of {args.repeats} interleaved rounds, {args.threads} threads, torch {torch.__version__}, "
         f"{result['date']}. FLOPs from vlprune.stats (FLOPs = 2 x MACs, whole prefill incl. vision tower).\n\n"
         + table + "\n"

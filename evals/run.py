@@ -45,7 +45,7 @@ POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
 @dataclasses.dataclass(frozen=True)
 class Config:
     method: str | None                   # None: the unpruned model
-    keep: int | None
+    keep: int | float | None  # a token count, a share (keep_ratio), or None
     kwargs: tuple = ()
 
     @property
@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--images", default=None, help="image folder for a JSONL benchmark (default: its folder)")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated registered methods")
     ap.add_argument("--keep", default=DEFAULT_KEEP,
-                    help="comma-separated visual-token budgets; one equal to the image's tokens is the unpruned point")
+                    help="comma-separated budgets: token counts (576,192,64) or shares (0.4,0.2,0.1); a count equal "
+                         "to the image's tokens or a share of 1.0 is the unpruned point")
     ap.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
                     help="a method hyperparameter, e.g. fastv.k=3 (repeatable)")
     ap.add_argument("--n", type=int, default=200, help="samples (default 200)")
@@ -91,17 +92,32 @@ def _csv(text: str, what: str) -> list[str]:
     return parts
 
 
-def parse_keep(text: str) -> list[int]:
-    out = []
+def parse_keep(text: str) -> list:
+    """Budgets: integers are visual-token counts (>= 1); numbers with a decimal point are shares in (0, 1]
+    (``keep_ratio``, the form HiRED and GlobalCom2 state their budgets in). Counts first, each sorted descending."""
+    counts, ratios = set(), set()
     for p in _csv(text, "keep"):
         try:
-            v = int(p)
+            v = float(p) if "." in p else int(p)
         except ValueError:
-            raise ValueError(f"--keep value {p!r} is not an integer token count; e.g. --keep 576,192,128,64") from None
-        if v < 1:
-            raise ValueError(f"--keep value {v} must be at least 1")
-        out.append(v)
-    return sorted(set(out), reverse=True)
+            raise ValueError(f"--keep value {p!r} is neither a token count nor a share; e.g. --keep 576,192,128,64 "
+                             f"or --keep 0.4,0.2,0.1") from None
+        if isinstance(v, int):
+            if v < 1:
+                raise ValueError(f"--keep value {v} must be at least 1 (a token count) or a share like 0.2")
+            counts.add(v)
+        else:
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"--keep share {p} must be in (0, 1]; e.g. 0.2 keeps 20% of the visual tokens")
+            ratios.add(v)
+    return sorted(counts, reverse=True) + sorted(ratios, reverse=True)
+
+
+def budget_label(keep) -> str:
+    """'all', a token count, or a share as a percentage."""
+    if keep is None:
+        return "all"
+    return f"{100 * keep:g}%" if isinstance(keep, float) else str(keep)
 
 
 def parse_params(items: Sequence[str]) -> dict[str, dict]:
@@ -119,7 +135,7 @@ def parse_params(items: Sequence[str]) -> dict[str, dict]:
     return out
 
 
-def build_grid(methods: Sequence[str], keeps: Sequence[int], n_visual: int, params: dict, seed: int) -> list[Config]:
+def build_grid(methods: Sequence[str], keeps: Sequence, n_visual: int, params: dict, seed: int) -> list[Config]:
     """The unpruned model, then every method (random and pool first, always present) at every budget below
     ``n_visual``. Unknown methods and budgets above ``n_visual`` raise ``ValueError``."""
     from vlprune import list_methods
@@ -137,16 +153,19 @@ def build_grid(methods: Sequence[str], keeps: Sequence[int], n_visual: int, para
         if m not in methods and m not in BASELINES:
             raise ValueError(f"--param names method {m!r}, which is not in --methods ({', '.join(methods)})")
     for k in keeps:
-        if k > n_visual:
+        if isinstance(k, int) and k > n_visual:
             raise ValueError(f"--keep {k} is above the {n_visual} visual tokens per image of this model; "
                              f"use budgets of at most {n_visual}")
     order = list(BASELINES) + [m for m in methods if m not in BASELINES]
     grid = [Config(None, None)]
     for m in order:
         for k in keeps:
-            if k >= n_visual:
+            if (k >= n_visual) if isinstance(k, int) else (k >= 1.0):
                 continue
             kw = method_kwargs(m, k, 2)
+            if isinstance(k, float):
+                kw.pop("keep")
+                kw["keep_ratio"] = k
             if m == "random":
                 kw["seed"] = seed
             kw.update(params.get(m, {}))
@@ -373,7 +392,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "peak MiB"] + fams
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], "all" if r["keep"] is None else str(r["keep"]), f"{r['accuracy']:.1f}",
+        cells = [r["method"], budget_label(r["keep"]), f"{r['accuracy']:.1f}",
                  f"{r['agreement']:.1f}",
                  f"{r['equivalent_tokens']:.1f}" if "equivalent_tokens" in r else "-",
                  f"{r['tflops_prefill']:.4f}" if "tflops_prefill" in r else "-",

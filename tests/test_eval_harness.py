@@ -134,7 +134,9 @@ def test_bad_input_gives_clear_errors(tmp_path, tiny_dir, capsys):
     err = capsys.readouterr().err
     assert "--keep 600 is above the 576 visual tokens" in err
     assert _run(out, "--methods", "pool", "--keep", "sixty", "--n", "2", model=tiny_dir) == 2
-    assert "--keep value 'sixty' is not an integer" in capsys.readouterr().err
+    assert "--keep value 'sixty' is neither a token count nor a share" in capsys.readouterr().err
+    assert _run(out, "--methods", "pool", "--keep", "1.5", "--n", "2", model=tiny_dir) == 2
+    assert "--keep share 1.5 must be in (0, 1]" in capsys.readouterr().err
     assert _run(out, "--methods", "pool", "--param", "fastv:k=3", "--n", "2", model=tiny_dir) == 2
     assert "must look like METHOD.NAME=VALUE" in capsys.readouterr().err
 
@@ -230,3 +232,16 @@ def test_anyres_proxy_through_the_harness(tmp_path):
     assert (out / "accuracy_vs_tflops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
     assert "| unpruned | all |" in table and "| pool | 576 |" in table and "proxy figures" in table
+
+
+def test_share_budgets_build_keep_ratio_configs():
+    from evals.run import budget_label, build_grid, parse_keep
+
+    keeps = parse_keep("0.1,64,0.4,1.0,576")
+    assert keeps == [576, 64, 1.0, 0.4, 0.1]
+    grid = build_grid(["hired", "fastv"], keeps, 576, {}, 0)
+    by = {c.key: dict(c.kwargs) for c in grid}
+    assert by["hired@0.4"] == {"keep_ratio": 0.4} and by["hired@64"] == {"keep": 64}
+    assert by["fastv@0.1"] == {"keep_ratio": 0.1, "k": 2}
+    assert "hired@1.0" not in by and "hired@576" not in by  # the unpruned point is the unpruned row
+    assert [budget_label(k) for k in (None, 64, 0.25)] == ["all", "64", "25%"]

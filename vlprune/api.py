@@ -110,7 +110,8 @@ def stats(model) -> dict:
     ..., "newline": 48}; ``kept_per_partition`` is None when the method merged tokens); per sample
     ``tokens_per_layer`` and ``visual_per_layer`` (prefill, per decoder layer), ``equivalent_tokens`` (mean visual
     tokens per layer), ``kept_positions`` (prompt positions of the visual tokens that reached the last layer);
-    ``schedule`` (vlprune.cost.Schedule) and ``cost`` (vlprune.cost.CostReport of that schedule).
+    ``method_seconds`` (wall time of the method's own work: ViT score capture, selection, pruning decisions,
+    eviction; on a GPU, launch time unless synchronised); ``schedule`` (vlprune.cost.Schedule) and ``cost`` (vlprune.cost.CostReport of that schedule).
     """
     from . import cost
 
@@ -134,6 +135,7 @@ def stats(model) -> dict:
         "kept_positions": run.kept_positions,
         "evicted": dict(run.evicted),
         "notes": list(run.notes),
+        "method_seconds": run.method_seconds,
         "schedule": schedule,
         "cost": report,
     }

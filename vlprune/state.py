@@ -175,6 +175,7 @@ class Run:
     kept_positions: list | None = None  # per sample: prompt positions of the visual tokens that reached the last layer
     evicted: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    method_seconds: float = 0.0  # wall time in the method's own work: ViT score capture, select, prune, evict
 
 
 class PruneState:

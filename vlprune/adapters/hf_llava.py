@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 import types
 import warnings
 import weakref
@@ -282,8 +283,10 @@ class HFLlavaAdapter:
             q = state._vision_q.pop(layer, None)
             if q is None:
                 return
+            t0 = time.perf_counter()
             logits = cls_logits_from_qk(q, out, heads, scale)  # (Bv, H, S)
             state.vision_logits[layer] = logits.detach()
+            state.run.method_seconds += time.perf_counter() - t0
             b, s, hd_all = out.shape
             state.run.scoring_flops += 2.0 * b * s * hd_all
 
@@ -374,6 +377,7 @@ class HFLlavaAdapter:
         call.update(mode="prefill", left=left, prompt_len=t, cache=None if cache is None else weakref.ref(cache))
         state.run.images = []
 
+        t_sel = time.perf_counter()
         images = self._split_images(state, pending, emb, img_mask)
         changed = False
         keep_lists = []
@@ -413,6 +417,7 @@ class HFLlavaAdapter:
                  "merged_into": merged, "partitions": img.layout.partition_counts(),
                  "kept_per_partition": None if merged is not None else img.layout.partition_counts(sel_keep)}
             )
+        state.run.method_seconds += time.perf_counter() - t_sel
         seq = SeqState(
             original=torch.arange(t, device=emb.device)[None].expand(b, t).clone(),
             valid=valid,
@@ -549,7 +554,9 @@ class HFLlavaAdapter:
             for p in self.prune_at.get(i, []):
                 ctx = LayerContext(layer=i, n_layers=n_layers, hidden=hs, visual=seq.visual, valid=seq.valid,
                                    last=_last_valid(seq.valid), attention_rows=self._rows_fn(state, hs.shape[1]))
+                t0 = time.perf_counter()
                 keep = p.prune(ctx)
+                state.run.method_seconds += time.perf_counter() - t0
                 if keep is None:
                     continue
                 lists, dropped = [], False
@@ -671,7 +678,9 @@ class HFLlavaAdapter:
         for p in self.kv_parts:
             ctx = CacheContext(n_layers=len(self.layers), visual=[x[2] for x in rec.prefix],
                                valid=[x[1] for x in rec.prefix], original=[x[0] for x in rec.prefix])
+            t0 = time.perf_counter()
             plan = p.evict(ctx)
+            state.run.method_seconds += time.perf_counter() - t0
             if not plan:
                 continue
             for l, keep in plan.items():
