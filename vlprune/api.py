@@ -110,7 +110,9 @@ def stats(model) -> dict:
     ..., "newline": 48}; ``kept_per_partition`` is None when the method merged tokens); per sample
     ``tokens_per_layer`` and ``visual_per_layer`` (prefill, per decoder layer), ``equivalent_tokens`` (mean visual
     tokens per layer), ``kept_positions`` (prompt positions of the visual tokens that reached the last layer);
-    ``method_seconds`` (wall time of the method's own work: ViT score capture, selection, pruning decisions,
+    ``visual_positions`` ({decoder layer: per sample prompt positions of the visual tokens entering it}, for layer 0
+    and every layer where the set changes);
+    ``reports`` (what methods reported, e.g. ToDRE's attention shares); ``method_seconds`` (wall time of the method's own work: ViT score capture, selection, pruning decisions,
     eviction; on a GPU, launch time unless synchronised); ``schedule`` (vlprune.cost.Schedule) and ``cost`` (vlprune.cost.CostReport of that schedule).
     """
     from . import cost
@@ -133,9 +135,11 @@ def stats(model) -> dict:
         "visual_per_layer": per_sample_visual,
         "equivalent_tokens": [sum(v) / len(v) for v in per_sample_visual],
         "kept_positions": run.kept_positions,
+        "visual_positions": dict(run.visual_positions or {}),
         "evicted": dict(run.evicted),
         "notes": list(run.notes),
         "method_seconds": run.method_seconds,
+        "reports": dict(run.reports),
         "schedule": schedule,
         "cost": report,
     }

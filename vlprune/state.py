@@ -121,11 +121,14 @@ class SeqState:
     substitute: bool = False
     per_layer: list = field(default_factory=list)  # per decoder layer: (original, valid, visual) it saw
     captures: dict = field(default_factory=dict)  # layer -> {"q":..., "k":..., "cos":..., "sin":..., "valid":...}
+    observed: dict = field(default_factory=dict)  # (part, layer, module) -> (B, T) values a method's observe kept
 
     def advance(self, sel: Selection) -> None:
         self.original = torch.where(sel.idx >= 0, sel.apply(self.original), torch.full_like(sel.idx, -1))
         self.visual = sel.apply(self.visual) & sel.valid
         self.valid = sel.valid
+        for key, value in self.observed.items():
+            self.observed[key] = sel.apply(value)
 
 
 @dataclass
@@ -173,8 +176,10 @@ class Run:
     visual_per_layer: list | None = None  # (n_layers, B) visual tokens per sample entering each layer in prefill
     tokens_per_layer: list | None = None  # (n_layers, B) valid tokens per sample in prefill
     kept_positions: list | None = None  # per sample: prompt positions of the visual tokens that reached the last layer
+    visual_positions: dict | None = None  # layer -> per sample prompt positions of its visual tokens (where they change)
     evicted: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    reports: dict = field(default_factory=dict)  # what methods reported through LayerContext.report
     method_seconds: float = 0.0  # wall time in the method's own work: ViT score capture, select, prune, evict
 
 

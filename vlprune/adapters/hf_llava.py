@@ -202,6 +202,13 @@ class HFLlavaAdapter:
         for l in self.score_at:
             if not 0 <= l < n:
                 raise ValueError(f"score layer {l} is outside 0..{n - 1} for this {n}-layer decoder")
+        self.observe_at = {}
+        for pi, p in enumerate(parts):
+            for l in p.observe_layers(n):
+                if not 0 <= l < n:
+                    raise ValueError(f"{p.name}: observed layer {l} is outside 0..{n - 1} for this {n}-layer decoder")
+                self.observe_at.setdefault(l, []).append((pi, p))
+        self.part_index = {id(p): pi for pi, p in enumerate(parts)}
         self.pre_parts = [p for p in parts if Stage.PRE_LLM in p.stages or Stage.PROJECTOR in p.stages]
         self.kv_parts = [p for p in parts if Stage.KV_CACHE in p.stages]
         self.positions = method.positions
@@ -247,6 +254,10 @@ class HFLlavaAdapter:
             attn = self.layers[l].self_attn
             h.append(attn.q_proj.register_forward_hook(self._llm_capture(state, l, "q")))
             h.append(attn.k_proj.register_forward_hook(self._llm_capture(state, l, "k")))
+        for l in self.observe_at:
+            layer = self.layers[l]
+            h.append(layer.self_attn.register_forward_hook(self._observe(state, l, "attn"), with_kwargs=True))
+            h.append(layer.mlp.register_forward_hook(self._observe(state, l, "mlp"), with_kwargs=True))
         h.append(self.model.lm_head.register_forward_hook(self._lm_head_hook(state)))
 
     # ------------------------------------------------------------------------------------------------ vision
@@ -552,8 +563,14 @@ class HFLlavaAdapter:
                 return None
             seq = state.seq
             for p in self.prune_at.get(i, []):
+                pi = self.part_index[id(p)]
+                pe = seq.position_embeddings if seq.substitute else kwargs["position_embeddings"]
                 ctx = LayerContext(layer=i, n_layers=n_layers, hidden=hs, visual=seq.visual, valid=seq.valid,
-                                   last=_last_valid(seq.valid), attention_rows=self._rows_fn(state, hs.shape[1]))
+                                   last=_last_valid(seq.valid), attention_rows=self._rows_fn(state, hs.shape[1]),
+                                   entering_rows=self._entering_fn(state, i, hs, pe, seq.valid),
+                                   observed={k[1:]: v for k, v in seq.observed.items() if k[0] == pi},
+                                   visual_at_start=seq.per_layer[0][2].sum(1) if seq.per_layer else seq.visual.sum(1),
+                                   report=lambda key, value: state.run.reports.__setitem__(key, value))
                 t0 = time.perf_counter()
                 keep = p.prune(ctx)
                 state.run.method_seconds += time.perf_counter() - t0
@@ -610,6 +627,53 @@ class HFLlavaAdapter:
 
         return hook
 
+    def _observe(self, state, layer, module):
+        def hook(mod, args, kwargs, out):
+            call = state.call
+            if call is None or call["mode"] != "prefill":
+                return None
+            x_in = kwargs.get("hidden_states", args[0] if args else None)
+            x_out = out[0] if isinstance(out, tuple) else out
+            t0 = time.perf_counter()
+            seq = state.seq
+            for pi, p in self.observe_at[layer]:
+                v = p.observe(layer, module, x_in, x_out, seq.valid)
+                if v is not None:
+                    seq.observed[(pi, layer, module)] = v
+            b, t, d = x_in.shape
+            state.run.scoring_flops += 8.0 * b * t * d * len(self.observe_at[layer])  # norms and dot products
+            state.run.method_seconds += time.perf_counter() - t0
+            return None
+
+        return hook
+
+    def _entering_fn(self, state, i, hs, position_embeddings, valid):
+        """Attention rows of decoder layer i computed from its input ``hs`` (before it runs)."""
+
+        def entering_rows(rows: torch.Tensor) -> torch.Tensor:
+            layer = self.layers[i]
+            attn = layer.self_attn
+            hd = attn.head_dim
+            x = layer.input_layernorm(hs)  # (B, T, D)
+            b, t, d = x.shape
+            rows = rows.to(x.device)
+            r = rows.shape[1]
+            q = attn.q_proj(gather_rows(x, rows)).view(b, r, -1, hd).transpose(1, 2)  # (B, H, R, hd)
+            k = attn.k_proj(x).view(b, t, -1, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+            cos, sin = position_embeddings
+            if cos.shape[0] != b:
+                cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+            q, _ = self._rope(q, q, gather_rows(cos, rows), gather_rows(sin, rows))
+            k, _ = self._rope(k, k, cos, sin)
+            k = repeat_kv(k, attn.num_key_value_groups)
+            probs = _attention_rows(q, k, rows, attn.scaling, key_valid=valid, causal=True)
+            h_q = q.shape[1]
+            state.run.scoring_flops += 2.0 * b * (r * d * h_q * hd + t * d * k.shape[1] // attn.num_key_value_groups * hd
+                                                 + h_q * r * t * hd)
+            return probs
+
+        return entering_rows
+
     def _rows_fn(self, state, t_now):
         def rows_fn(layer: int, rows: torch.Tensor) -> torch.Tensor:
             cap = state.seq.captures.get(layer)
@@ -657,6 +721,10 @@ class HFLlavaAdapter:
             run.tokens_per_layer = [v.sum(1).tolist() for (_, v, _) in seq.per_layer]
             last_o, _, last_v = seq.per_layer[-1]
             run.kept_positions = [last_o[b_i][last_v[b_i]].cpu() for b_i in range(last_o.shape[0])]
+            run.visual_positions = {}
+            for li, (o, _, v) in enumerate(seq.per_layer):
+                if li == 0 or o.shape != seq.per_layer[li - 1][0].shape or not torch.equal(v, seq.per_layer[li - 1][2]):
+                    run.visual_positions[li] = [o[b_i][v[b_i]].cpu() for b_i in range(o.shape[0])]
             seq.captures.clear()
             cache = _cache_of(out) if hasattr(out, "get") else None
             if cache is None or not (call["changed_pre"] or seq.substitute or self.kv_parts):

@@ -3,6 +3,8 @@ from .base import Compose, ImageSelection, ImageTokens, LayerContext, Method, St
 from .baselines import ClsAttention, FastV, RandomPrune, SpatialPool
 from .globalcom2 import GlobalCom2
 from .hired import HiRED
+from .todre import ToDRE
+from .transprune import TransPrune
 
 __all__ = ["Compose", "ImageSelection", "ImageTokens", "LayerContext", "Method", "Stage",
-           "ClsAttention", "FastV", "GlobalCom2", "HiRED", "RandomPrune", "SpatialPool"]
+           "ClsAttention", "FastV", "GlobalCom2", "HiRED", "RandomPrune", "SpatialPool", "ToDRE", "TransPrune"]

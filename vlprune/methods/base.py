@@ -192,7 +192,11 @@ class LayerContext:
     hidden: (B, T, D); visual: (B, T) bool, visual tokens still present; valid: (B, T) bool, not padding;
     last: (B,) index of each sample's last valid token.  ``attention_rows(layer, rows)`` returns softmax attention
     probabilities (B, H, R, T) of the chosen query rows of an earlier layer of this prefill, computed from that
-    layer's own q/k (captured by hooks, SDPA untouched) for those rows only.
+    layer's own q/k (captured by hooks, SDPA untouched) for those rows only.  ``entering_rows(rows)`` gives the
+    same for the layer about to run, from its input (its input norm, q/k projections and RoPE), before it runs.
+    ``observed[(layer, module)]``: the (B, T) values the method's ``observe`` returned for earlier layers, kept
+    aligned with the current sequence.  ``visual_at_start``: (B,) visual tokens each sample had at decoder layer 0.
+    ``report(key, value)`` puts a value into ``vlprune.stats(model)["reports"]``.
     """
 
     layer: int
@@ -202,6 +206,10 @@ class LayerContext:
     valid: torch.Tensor
     last: torch.Tensor
     attention_rows: Callable[[int, torch.Tensor], torch.Tensor]
+    entering_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+    observed: dict = field(default_factory=dict)
+    visual_at_start: torch.Tensor | None = None
+    report: Callable[[str, object], None] | None = None
 
 
 @dataclass
@@ -258,6 +266,17 @@ class Method:
 
     def prune(self, ctx: LayerContext) -> list[torch.Tensor | None] | None:
         """Per sample: indices (into ctx's sequence) of the visual tokens to keep, or None to keep all."""
+        return None
+
+    def observe_layers(self, n_layers: int) -> list[int]:
+        """0-based decoder layers whose attention and MLP inputs and outputs this method reads in prefill."""
+        return []
+
+    def observe(self, layer: int, module: str, x_in: torch.Tensor, x_out: torch.Tensor,
+                valid: torch.Tensor) -> torch.Tensor | None:
+        """Prefill, for each layer in ``observe_layers`` and module "attn" / "mlp": x_in (B, T, D) the module's
+        input (after the pre-norm), x_out (B, T, D) its output (before the residual add), valid (B, T).
+        Return a per-token (B, T) tensor to keep (it comes back in ``LayerContext.observed``), or None."""
         return None
 
     # -- KV_CACHE
@@ -360,6 +379,9 @@ class Compose(Method):
 
     def score_layers(self, n_layers):
         return sorted({i for m in self.methods for i in m.score_layers(n_layers)})
+
+    def observe_layers(self, n_layers):
+        return sorted({i for m in self.methods for i in m.observe_layers(n_layers)})
 
     def build_projector(self, model, original):
         for m in self.methods:
