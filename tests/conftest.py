@@ -14,7 +14,8 @@ torch.set_num_threads(2)
 
 HOSTS = ("llava", "llava_next")
 # methods that need more than a budget to be built in the contract tests
-METHOD_KWARGS = {"fastv": {"k": 2}, "todre": {"tau": 0.0}}  # ToDRE: tau 0 never drops in stage 2
+# ToDRE: tau 0 never drops in stage 2; MustDrop: window merging is threshold-based, not budget-based
+METHOD_KWARGS = {"fastv": {"k": 2}, "todre": {"tau": 0.0}, "mustdrop": {"merging": False}}
 
 
 def build_host(host: str, attn: str = "sdpa", seed: int = 0):

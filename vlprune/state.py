@@ -122,6 +122,7 @@ class SeqState:
     per_layer: list = field(default_factory=list)  # per decoder layer: (original, valid, visual) it saw
     captures: dict = field(default_factory=dict)  # layer -> {"q":..., "k":..., "cos":..., "sin":..., "valid":...}
     observed: dict = field(default_factory=dict)  # (part, layer, module) -> (B, T) values a method's observe kept
+    protected: Any = None  # (B, T) bool: tokens a PRE_LLM stage protected from later drops, or None
 
     def advance(self, sel: Selection) -> None:
         self.original = torch.where(sel.idx >= 0, sel.apply(self.original), torch.full_like(sel.idx, -1))
@@ -129,6 +130,8 @@ class SeqState:
         self.valid = sel.valid
         for key, value in self.observed.items():
             self.observed[key] = sel.apply(value)
+        if self.protected is not None:
+            self.protected = sel.apply(self.protected) & sel.valid
 
 
 @dataclass
@@ -194,7 +197,8 @@ class PruneState:
         self.run = Run()
         self.pending: dict | None = None  # image info captured at the multimodal model's input
         self.image_call: dict | None = None  # image_sizes / count seen by the host's get_image_features
-        self.vision_logits: dict = {}  # vit layer -> (n_crops_total, H, S)
+        self.vision_logits: dict = {}  # vit layer -> (n_crops_total, H, S_l)
+        self.vit_merge: dict | None = None  # a VISION merge of the current vision call (see the adapter)
         self._vision_q: dict = {}
         self.seq: SeqState | None = None
         self.records: list[CacheRecord] = []

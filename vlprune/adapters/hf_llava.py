@@ -42,7 +42,7 @@ from ..methods.base import (
     Stage,
 )
 from ..ops import attention_rows as _attention_rows
-from ..ops import cls_logits_from_qk, repeat_kv
+from ..ops import MergePlan, cls_logits_from_qk, merge_tokens, repeat_kv
 from ..state import CacheRecord, Selection, SeqState, causal_mask, gather_rows, to_mask_dtype
 from .base import register_adapter
 
@@ -238,6 +238,16 @@ class HFLlavaAdapter:
         state.restore.append(lambda: delattr(self.base, "get_image_features"))
         # vision tower
         h.append(self.vision.register_forward_pre_hook(self._vision_pre(state)))
+        nv = self.info.n_vision_layers
+        self.merge_at = method.merge_layer(nv)
+        if self.merge_at is not None:
+            if not 0 <= self.merge_at < nv - 1:
+                raise ValueError(f"{method.name}: ViT merge after layer {self.merge_at} is outside 0..{nv - 2} for this "
+                                 f"{nv}-layer vision tower")
+            # registered before the token-count hooks, so that those see the merged length
+            for i in range(self.merge_at + 1, nv):
+                h.append(self.vision_layers[i].register_forward_pre_hook(self._vision_merge_pre(state, i)))
+            h.append(self.vision.register_forward_hook(self._vision_unmerge(state)))
         for i, layer in enumerate(self.vision_layers):
             h.append(layer.register_forward_pre_hook(self._vision_layer_pre(state)))
         for l in self.vit_layers:
@@ -267,6 +277,7 @@ class HFLlavaAdapter:
                 state.new_run()
             state.vision_logits = {}
             state._vision_q = {}
+            state.vit_merge = None
             pv = args[0] if args else None
             batch = int(pv.shape[0]) if pv is not None else 0
             state.run.vision.append(cost.VisionCall(batch=batch, tokens_per_layer=[]))
@@ -303,10 +314,101 @@ class HFLlavaAdapter:
 
         return hook
 
+    def _vision_merge_pre(self, state, i):
+        """ViT layer i > merge layer: the first one shortens each crop's sequence by the method's MergePlan (padding
+        crops to a common length with a key mask); later ones receive that mask."""
+        first = i == self.merge_at + 1
+
+        def hook(mod, args):
+            if not first:
+                vm = state.vit_merge
+                if vm is None or vm["mask"] is None:
+                    return None
+                return (args[0], vm["mask"]) + tuple(args[2:])
+            x = args[0]  # (Bv, S, D)
+            t0 = time.perf_counter()
+            plans = [self.method_of(state).merge(x[c], (self.side, self.side)) for c in range(x.shape[0])]
+            if all(p is None or p.n_new == x.shape[1] for p in plans):
+                state.run.method_seconds += time.perf_counter() - t0
+                return None
+            bv, s, d = x.shape
+            plans = [p if p is not None else _identity_plan(s) for p in plans]
+            n_new = max(p.n_new for p in plans)
+            out = x.new_zeros(bv, n_new, d)
+            valid = torch.zeros(bv, n_new, dtype=torch.bool, device=x.device)
+            for c, p in enumerate(plans):
+                out[c, : p.n_new] = merge_tokens(x[c], p.assign, p.n_new)
+                valid[c, : p.n_new] = True
+            mask = None
+            if not bool(valid.all()):
+                mask = torch.zeros(bv, 1, n_new, n_new, dtype=x.dtype, device=x.device)
+                mask = mask.masked_fill(~valid[:, None, None, :], torch.finfo(x.dtype).min)
+            state.vit_merge = {"plans": plans, "assign": torch.stack([p.assign for p in plans]).to(x.device),
+                               "valid": valid, "mask": mask, "length": s, "merged_length": n_new,
+                               "duplicates": sum(s - p.n_new for p in plans)}
+            state.run.method_seconds += time.perf_counter() - t0
+            return (out, mask) + tuple(args[2:])
+
+        return hook
+
+    def _vision_unmerge(self, state):
+        """The vision tower's output: merged hidden states go back to one row per original token (a merged token in
+        each of its members' places), so that the host's own packing and placeholder count stay as they are; the
+        decoder input then keeps one token per group (see ``_dedup``)."""
+
+        def hook(mod, args, out):
+            vm = state.vit_merge
+            if vm is None:
+                return None
+            assign, n_new = vm["assign"], vm["merged_length"]
+
+            def expand(t):
+                if not torch.is_tensor(t) or t.dim() != 3 or t.shape[1] != n_new or t.shape[0] != assign.shape[0]:
+                    return t
+                return torch.gather(t, 1, assign[:, :, None].to(t.device).expand(-1, -1, t.shape[2]))
+
+            if getattr(out, "hidden_states", None) is not None:
+                out.hidden_states = tuple(expand(t) for t in out.hidden_states)
+            if getattr(out, "last_hidden_state", None) is not None:
+                out.last_hidden_state = expand(out.last_hidden_state)
+            return out
+
+        return hook
+
+    def method_of(self, state):
+        return state.method
+
+    def _dedup(self, img, vm, crop_offset):
+        """One token per merged group: the group's last member present in the layout (raster order) represents it.
+        Returns (kept image-token indices (K,) ascending, merged_into (N,) image index of each token's representative
+        or -1 for tokens that represent themselves)."""
+        lay = img.layout
+        assign = vm["assign"].cpu()
+        ok = lay.vit_index >= 0
+        group = torch.full((lay.n,), -1, dtype=torch.long)
+        crops = lay.crop[ok] + crop_offset
+        group[ok] = crops * (vm["length"] + 1) + assign[crops, lay.vit_index[ok]]
+        keep = torch.ones(lay.n, dtype=torch.bool)
+        merged_into = torch.full((lay.n,), -1, dtype=torch.long)
+        order = torch.argsort(group, stable=True)
+        g_sorted = group[order]
+        for a, b in _runs(g_sorted):
+            if g_sorted[a] < 0 or b - a == 1:
+                continue
+            members = order[a:b]
+            rep = members[torch.argmax(lay.vit_index[members])]
+            keep[members] = False
+            keep[rep] = True
+            merged_into[members[members != rep]] = rep
+        return keep.nonzero().squeeze(1), merged_into
+
     def _projector_hook(self, state):
         def hook(mod, args, out):
             x = args[0]
-            state.run.projector_rows += int(x.numel() // x.shape[-1])
+            rows = int(x.numel() // x.shape[-1])
+            if state.vit_merge is not None:  # duplicated merged rows are one token each
+                rows -= state.vit_merge["duplicates"]
+            state.run.projector_rows += rows
 
         return hook
 
@@ -395,16 +497,23 @@ class HFLlavaAdapter:
         new_feats = {}  # (sample, prompt position) -> feature row
         for b_i in range(b):
             keep_lists.append([(~img_mask[b_i]).nonzero().squeeze(1)])
-        for img, span in images:
+        protected = []  # (sample, prompt position) of protected tokens
+        for img, span, crop_offset in images:
             sel_keep = torch.arange(img.n)
             feats = None
             merged = None
             cur = img
+            prot = torch.empty(0, dtype=torch.long)  # protected image-token indices
+            if state.vit_merge is not None:
+                sel_keep, merged = self._dedup(img, state.vit_merge, crop_offset)
+                cur = img.subset(sel_keep)
             for p in self.pre_parts:
                 s = p.select(cur)
                 if s is None:
                     continue
                 k = s.keep.cpu()
+                if s.protect is not None:
+                    prot = torch.cat([prot, sel_keep[k[s.protect.cpu()]]])
                 if s.features is not None:
                     feats = s.features
                     if s.merged_from is not None:
@@ -419,6 +528,8 @@ class HFLlavaAdapter:
             dropped = sel_keep.numel() < img.n or feats is not None
             changed |= dropped
             pos = span[sel_keep.to(span.device)]
+            prot = prot[torch.isin(prot, sel_keep)]
+            protected.extend((img.sample, int(span[i])) for i in prot.tolist())
             keep_lists[img.sample].append(pos)
             if feats is not None:
                 for j, ppos in enumerate(pos.tolist()):
@@ -434,6 +545,10 @@ class HFLlavaAdapter:
             valid=valid,
             visual=img_mask.clone(),
         )
+        if protected:
+            seq.protected = torch.zeros(b, t, dtype=torch.bool, device=emb.device)
+            for s_i, ppos in protected:
+                seq.protected[s_i, ppos] = True
         state.seq = seq
         call["changed_pre"] = changed
         if not changed:
@@ -506,8 +621,26 @@ class HFLlavaAdapter:
                         )
                     return state.vision_logits[l0][co : co + nc]
 
+                def vision_merge(layer, co=co, nc=nc):
+                    vm = state.vit_merge
+                    l0 = (layer + self.info.n_vision_layers) % self.info.n_vision_layers
+                    if vm is None or l0 <= self.merge_at:
+                        return None
+                    return vm["assign"][co: co + nc], vm["valid"][co: co + nc]
+
+                merge_score = None
+                vm = state.vit_merge
+                if vm is not None:
+                    ok = lay.vit_index >= 0
+                    crops = lay.crop[ok] + co
+                    slot = vm["assign"].cpu()[crops, lay.vit_index[ok]]
+                    scores = torch.stack([torch.nn.functional.pad(p.score, (0, vm["merged_length"] - p.n_new),
+                                                                  value=float("nan")) for p in vm["plans"]])
+                    merge_score = torch.full((lay.n,), float("nan"))
+                    merge_score[ok] = scores[crops, slot]
                 out.append((ImageTokens(features=emb[s, span], layout=lay, sample=s, index=img_i,
-                                        _vision=vision if state.vision_logits else None), span))
+                                        _vision=vision if state.vision_logits else None,
+                                        _vision_merge=vision_merge, merge_score=merge_score), span, co))
                 img_i += 1
         return out
 
@@ -570,6 +703,7 @@ class HFLlavaAdapter:
                                    entering_rows=self._entering_fn(state, i, hs, pe, seq.valid),
                                    observed={k[1:]: v for k, v in seq.observed.items() if k[0] == pi},
                                    visual_at_start=seq.per_layer[0][2].sum(1) if seq.per_layer else seq.visual.sum(1),
+                                   protected=seq.protected,
                                    report=lambda key, value: state.run.reports.__setitem__(key, value))
                 t0 = time.perf_counter()
                 keep = p.prune(ctx)
@@ -773,6 +907,20 @@ class HFLlavaAdapter:
                 state.run.llm[-1].lm_head_rows = int(args[0].shape[1])
 
         return hook
+
+
+def _identity_plan(s: int):
+    return MergePlan(assign=torch.arange(s), rep=torch.arange(s), score=torch.full((s,), float("nan")))
+
+
+def _runs(sorted_vals: torch.Tensor):
+    """(start, end) of each run of equal values in a sorted 1-D tensor."""
+    n = sorted_vals.numel()
+    if n == 0:
+        return []
+    change = torch.nonzero(sorted_vals[1:] != sorted_vals[:-1]).squeeze(1) + 1
+    bounds = [0] + change.tolist() + [n]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _cache_of(mapping):

@@ -3,8 +3,9 @@ from .base import Compose, ImageSelection, ImageTokens, LayerContext, Method, St
 from .baselines import ClsAttention, FastV, RandomPrune, SpatialPool
 from .globalcom2 import GlobalCom2
 from .hired import HiRED
+from .mustdrop import MustDrop, MustDropFilter, MustDropVision, OutputAwareCache
 from .todre import ToDRE
 from .transprune import TransPrune
 
 __all__ = ["Compose", "ImageSelection", "ImageTokens", "LayerContext", "Method", "Stage",
-           "ClsAttention", "FastV", "GlobalCom2", "HiRED", "RandomPrune", "SpatialPool", "ToDRE", "TransPrune"]
+           "ClsAttention", "FastV", "GlobalCom2", "HiRED", "MustDrop", "MustDropFilter", "MustDropVision", "OutputAwareCache", "RandomPrune", "SpatialPool", "ToDRE", "TransPrune"]

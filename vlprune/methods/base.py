@@ -116,8 +116,25 @@ class ImageTokens:
     layout: ImageLayout
     sample: int  # batch row the image belongs to
     index: int  # image index over the whole batch
-    _vision: Callable[[int], torch.Tensor] | None = None  # layer -> (n_crops, H, S) CLS logits of this image's crops
+    _vision: Callable[[int], torch.Tensor] | None = None  # layer -> (n_crops, H, S_l) CLS logits of this image's crops
     _vision_layers: int = 0
+    # layer -> None, or (assign (n_crops, S) slot in that layer's sequence of each original ViT token, valid
+    # (n_crops, S_l) real slots) when a VISION merge shortened the sequence before that layer
+    _vision_merge: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None] | None = None
+    merge_score: torch.Tensor | None = None  # (N,) after a VISION merge: window similarity of merged tokens, else NaN
+
+    def _vision_raw(self, layer: int):
+        raw = self._vision(layer)  # (n_crops, H, S_l)
+        merge = self._vision_merge(layer) if self._vision_merge is not None else None
+        return raw, merge
+
+    @staticmethod
+    def _expand(x: torch.Tensor, merge) -> torch.Tensor:
+        """(n_crops, H, S_l) in a layer's (merged) sequence -> (n_crops, H, S) per original ViT token."""
+        if merge is None:
+            return x
+        assign = merge[0].to(x.device)
+        return torch.gather(x, 2, assign[:, None, :].expand(-1, x.shape[1], -1))
 
     @property
     def n(self) -> int:
@@ -131,7 +148,8 @@ class ImageTokens:
                 "no vision-tower attention was captured for this image; the method must list the ViT layers it needs "
                 "in vision_layers()"
             )
-        raw = self._vision(layer)  # (n_crops, H, S)
+        raw, merge = self._vision_raw(layer)
+        raw = self._expand(raw, merge)  # (n_crops, H, S): a merged token's logit for each of its members
         lay = self.layout
         ok = lay.vit_index >= 0
         out = torch.full((raw.shape[1], lay.n), float("nan"), dtype=torch.float32)  # (H, N)
@@ -142,7 +160,11 @@ class ImageTokens:
         """Softmax CLS attention (softmax over each crop's ViT sequence), reduced over heads: (N,)."""
         if self._vision is None:
             return self.cls_logits(layer)  # raises the missing-capture error
-        probs = torch.softmax(self._vision(layer).float(), dim=-1)  # (n_crops, H, S)
+        raw, merge = self._vision_raw(layer)
+        raw = raw.float()
+        if merge is not None:  # softmax over the layer's own (merged, padded) sequence, then back to members
+            raw = raw.masked_fill(~merge[1].to(raw.device)[:, None, :], float("-inf"))
+        probs = self._expand(torch.softmax(raw, dim=-1), merge)  # (n_crops, H, S)
         lay = self.layout
         ok = lay.vit_index >= 0
         per_head = torch.full((probs.shape[1], lay.n), float("nan"), dtype=torch.float32)  # (H, N)
@@ -158,6 +180,7 @@ class ImageTokens:
             self,
             features=self.features[keep.to(self.features.device)] if features is None else features,
             layout=self.layout.subset(keep),
+            merge_score=None if self.merge_score is None else self.merge_score[keep.cpu()],
         )
 
 
@@ -169,6 +192,7 @@ class ImageSelection:
     keep: torch.Tensor
     features: torch.Tensor | None = None
     merged_from: torch.Tensor | None = None  # (N,) index of the kept slot each input token was merged into, or -1
+    protect: torch.Tensor | None = None  # (P,) indices into ``keep`` that later stages must not drop (a key set)
 
     def __post_init__(self):
         self.keep = torch.as_tensor(self.keep, dtype=torch.long).reshape(-1)
@@ -208,6 +232,7 @@ class LayerContext:
     attention_rows: Callable[[int, torch.Tensor], torch.Tensor]
     entering_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
     observed: dict = field(default_factory=dict)
+    protected: torch.Tensor | None = None  # (B, T) bool: tokens an earlier stage protected (ImageSelection.protect)
     visual_at_start: torch.Tensor | None = None
     report: Callable[[str, object], None] | None = None
 
@@ -245,6 +270,16 @@ class Method:
     def vision_layers(self, n_vision_layers: int, feature_layer: int) -> list[int]:
         """0-based ViT layers whose CLS attention rows this method needs (``feature_layer`` = the host's)."""
         return []
+
+    def merge_layer(self, n_vision_layers: int) -> int | None:
+        """0-based ViT layer after which this method merges tokens (``merge``), or None."""
+        return None
+
+    def merge(self, x: torch.Tensor, grid: tuple[int, int]):
+        """One crop's ViT sequence after ``merge_layer``: x (S, D), CLS first then the (h, w) patch grid.
+        Return a ``vlprune.ops.MergePlan`` (later ViT layers run on the shorter sequence; the decoder receives one
+        token per merged group, in its representative's place), or None to leave it."""
+        return None
 
     # -- PRE_LLM
     def select(self, image: ImageTokens) -> ImageSelection | None:
@@ -369,6 +404,18 @@ class Compose(Method):
 
     def vision_layers(self, n_vision_layers, feature_layer):
         return sorted({i for m in self.methods for i in m.vision_layers(n_vision_layers, feature_layer)})
+
+    def merge_layer(self, n_vision_layers):
+        mergers = [(m, m.merge_layer(n_vision_layers)) for m in self.methods]
+        mergers = [(m, l) for m, l in mergers if l is not None]
+        if len(mergers) > 1:
+            raise ValueError(f"at most one ViT merge can be composed; got {[m.name for m, _ in mergers]}")
+        self._merger = mergers[0][0] if mergers else None
+        return mergers[0][1] if mergers else None
+
+    def merge(self, x, grid):
+        merger = getattr(self, "_merger", None)
+        return None if merger is None else merger.merge(x, grid)
 
     def check(self, info):
         for m in self.methods:
