@@ -57,7 +57,7 @@ class Config:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="vlprune eval", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="proxy",
-                    help="'proxy' (shipped LLaVA-1.5-geometry proxy), 'proxy-next', a local folder or a hub id")
+                    help="'proxy' (shipped LLaVA-1.5-geometry proxy), 'proxy-next', 'proxy-mqt' (the proxy with an MQT projector), a local folder or a hub id")
     ap.add_argument("--benchmark", default=None,
                     help="'proxy', 'proxy-next' or a JSONL file (POPE format or image/question/answer); "
                          "default: the proxy benchmark matching --model")
@@ -174,11 +174,12 @@ def build_grid(methods: Sequence[str], keeps: Sequence, n_visual: int, params: d
 
 
 def load_model(spec: str, dtype: torch.dtype, device):
-    """``(model, processor, label)`` for 'proxy', 'proxy-next', a local folder or a hub id."""
-    if spec in ("proxy", "proxy-next"):
+    """``(model, processor, label)`` for 'proxy', 'proxy-next', 'proxy-mqt', a local folder or a hub id."""
+    if spec in ("proxy", "proxy-next", "proxy-mqt"):
         from .proxy import load
 
-        model, proc = load("llava" if spec == "proxy" else "next", dtype=dtype, device=str(device))
+        model, proc = load({"proxy": "llava", "proxy-next": "next", "proxy-mqt": "mqt"}[spec], dtype=dtype,
+                           device=str(device))
         return model, proc, spec
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
@@ -465,7 +466,7 @@ def run(args: argparse.Namespace) -> dict:
         transformers.utils.logging.set_verbosity_error()
     except Exception:  # pragma: no cover
         pass
-    proxy = args.model in ("proxy", "proxy-next")
+    proxy = args.model in ("proxy", "proxy-next", "proxy-mqt")
     bench_spec = args.benchmark or ("proxy-next" if args.model == "proxy-next" else "proxy")
     methods = _csv(args.methods, "methods")
     keeps = parse_keep(args.keep)

@@ -16,6 +16,34 @@ HOSTS = ("llava", "llava_next")
 # methods that need more than a budget to be built in the contract tests
 # ToDRE: tau 0 never drops in stage 2; MustDrop: window merging is threshold-based, not budget-based
 METHOD_KWARGS = {"fastv": {"k": 2}, "todre": {"tau": 0.0}, "mustdrop": {"merging": False}}
+_MQT_DIR = []
+
+
+def tiny_mqt_folder(n_queries: int = 16) -> str:
+    """A seeded random MQT projector for the tiny LLaVA-1.5 (vision 64 -> text 128), saved once per session."""
+    if not _MQT_DIR:
+        import tempfile
+
+        from vlprune.methods.mqt import MQTProjector, save_mqt
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            mqt = MQTProjector(64, 128, n_queries=n_queries, n_heads=4)
+        folder = tempfile.mkdtemp(prefix="vlprune-mqt-")
+        save_mqt(mqt, folder)
+        _MQT_DIR.append(folder)
+    return _MQT_DIR[0]
+
+
+def contract_kwargs(name: str, host: str, full_budget: bool = False) -> dict:
+    """Extra kwargs a method needs in the registry-wide contract tests, or a skip with the reason."""
+    if name == "mqt":
+        if host != "llava":
+            pytest.skip("mqt: MQT-LLaVA is a LLaVA-1.5 model; on LLaVA-NeXT apply raises (tested in test_mqt.py)")
+        if full_budget:
+            pytest.skip("mqt: a learned projector replaces the MLP, so no budget gives the unpatched model back")
+        return {"weights": tiny_mqt_folder()}
+    return dict(METHOD_KWARGS.get(name, {}))
 
 
 def build_host(host: str, attn: str = "sdpa", seed: int = 0):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vlprune
-from conftest import HOSTS, METHOD_KWARGS, image_for, inputs_for
+from conftest import HOSTS, contract_kwargs, image_for, inputs_for
 
 ALL = vlprune.list_methods()
 
@@ -25,7 +25,7 @@ def test_full_budget_is_bit_identical(hosts, host, name):
     model, proc = hosts[host]
     inputs = inputs_for(host, proc, n=2)
     ref = _logits(model, inputs)
-    with vlprune.pruned(model, name, keep=10**6, **METHOD_KWARGS.get(name, {})):
+    with vlprune.pruned(model, name, keep=10**6, **contract_kwargs(name, host, full_budget=True)):
         out = _logits(model, inputs)
         st = vlprune.stats(model)
     assert torch.equal(out, ref)
@@ -42,7 +42,7 @@ def test_remove_restores_exactly(hosts, host, name):
     hooks_before = _hook_count(model)
     attrs_before = set(vars(model.model))
     projector = model.model.multi_modal_projector
-    vlprune.apply(model, name, keep=16, **METHOD_KWARGS.get(name, {}))
+    vlprune.apply(model, name, keep=16, **contract_kwargs(name, host))
     assert vlprune.is_applied(model)
     pruned = _logits(model, inputs)
     assert pruned.shape[1] < ref.shape[1] or not torch.equal(pruned, ref)
@@ -81,7 +81,7 @@ def test_text_only_passes_through(hosts, host, name):
     with torch.no_grad():
         ref = model(**enc).logits
         gen_ref = model.generate(**enc, max_new_tokens=5, do_sample=False)
-    with vlprune.pruned(model, name, keep=8, **METHOD_KWARGS.get(name, {})):
+    with vlprune.pruned(model, name, keep=8, **contract_kwargs(name, host)):
         with torch.no_grad():
             model(**inputs_for(host, proc))  # an image call first: its stats must not leak into the next call
             out = model(**enc).logits

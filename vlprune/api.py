@@ -125,7 +125,8 @@ def stats(model) -> dict:
     per_sample_visual = [list(x) for x in zip(*visual_pl)] if visual_pl else []
     per_sample_tokens = [list(x) for x in zip(*(run.tokens_per_layer or []))] if run.tokens_per_layer else []
     mean_visual = [sum(v) / len(v) for v in visual_pl] if visual_pl else []
-    schedule = cost.Schedule(vision=list(run.vision), projector_rows=run.projector_rows, llm=list(run.llm),
+    schedule = cost.Schedule(vision=list(run.vision), projector_rows=run.projector_rows,
+                             projector_flops=run.projector_extra_flops, llm=list(run.llm),
                              scoring_flops=run.scoring_flops, visual_per_layer=mean_visual)
     report = cost.schedule_cost(model.config, schedule) if run.llm else None
     return {

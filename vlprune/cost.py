@@ -75,6 +75,7 @@ class Schedule:
     llm: list[LLMCall]  # prefill first, then each decode step / continuation
     scoring_flops: float = 0.0  # the method's own scoring work, counted by the engine (FLOPs = 2*MACs)
     visual_per_layer: list[float] = field(default_factory=list)  # mean visual tokens per sample entering each decoder layer in prefill
+    projector_flops: float = 0.0  # FLOPs of a projector that is not LLaVA's MLP (counted by itself), added
 
 
 @dataclass
@@ -417,6 +418,7 @@ def schedule_cost(config: Any, schedule: Schedule, kv_dtype: Any = None) -> Cost
     text = _text_config(config)
     vision = sum(vision_flops(_vision_config(config), call) for call in schedule.vision)
     projector = projector_flops(config, schedule.projector_rows) if schedule.projector_rows else 0.0
+    projector += schedule.projector_flops
     llm = lm_head = 0.0
     for i, call in enumerate(schedule.llm):
         layers, head = _llm_call_flops(text, call, i)

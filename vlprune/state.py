@@ -173,6 +173,7 @@ class Run:
 
     vision: list = field(default_factory=list)  # cost.VisionCall
     projector_rows: int = 0
+    projector_extra_flops: float = 0.0  # projectors that are not LLaVA's MLP report their own FLOPs
     llm: list = field(default_factory=list)  # cost.LLMCall
     scoring_flops: float = 0.0
     images: list = field(default_factory=list)  # per image: dict(sample, n, kept, merged_from)

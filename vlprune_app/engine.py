@@ -88,6 +88,8 @@ class Comparison:
     rows: list[MethodResult]
     waited_s: float
     ran_s: float
+    started_at: float = 0.0  # epoch seconds when this request got the model lock
+    finished_at: float = 0.0  # epoch seconds when it gave the lock back
 
 
 class Session:
@@ -157,7 +159,7 @@ class Session:
         layout = self.adapter.layouts(1, inputs.get("image_sizes"))[0]
         t_wait = time.perf_counter()
         with self.lock, torch.inference_mode():
-            t_run = time.perf_counter()
+            t_run, started_at = time.perf_counter(), time.time()
             try:
                 rows = [self._run(None, "unpruned", {}, inputs, start, layout, new_tokens, repeats)]
                 for name, method in methods:
@@ -171,9 +173,10 @@ class Session:
             finally:
                 if vlprune.is_applied(self.model):  # belt and braces: _run removes in its own finally
                     vlprune.remove(self.model)
-            t_end = time.perf_counter()
+            t_end, finished_at = time.perf_counter(), time.time()
         return Comparison(image=image, question=question, prompt=text, visual_tokens=layout.n, layout=layout,
-                          rows=rows, waited_s=t_run - t_wait, ran_s=t_end - t_run)
+                          rows=rows, waited_s=t_run - t_wait, ran_s=t_end - t_run, started_at=started_at,
+                          finished_at=finished_at)
 
     def _run(self, method, name, params, inputs, start, layout, new_tokens, repeats) -> MethodResult:
         import vlprune
@@ -203,7 +206,9 @@ class Session:
             return statistics.median(times), out
 
         if method is None:
-            # timed without any hooks; cost and schedule read through a method that changes nothing
+            # timed without any hooks (after one warm-up prefill); cost and schedule read through a method that
+            # changes nothing
+            prefill()
             t_pre, _ = timed(prefill)
             t_gen, out = timed(generate)
             vlprune.apply(model, identity_method())
@@ -218,6 +223,7 @@ class Session:
         else:
             vlprune.apply(model, method)
             try:
+                prefill()  # warm-up
                 t_pre, _ = timed(prefill)
                 s_pre = vlprune.stats(model)
                 t_gen, out = timed(generate)

@@ -134,22 +134,22 @@ def draw_grid(view: Image.Image, grid: tuple[int, int], depth: np.ndarray, regio
     px = np.asarray(view, dtype=np.float32)
     d = depth[ry][:, rx][..., None]
     a = 0.18 + 0.82 * d
-    out = px * a + DARK_RGB * (1 - a)
     cell = ry[:, None] * gw + rx[None, :]
     if region is not None:
         reg = region[ry][:, rx]
         uniq = np.unique(region[region >= 0])
         pal = _palette(len(uniq))
-        lut = {int(r): pal[i] for i, r in enumerate(uniq)}
-        tint = np.zeros_like(out)
-        for r, col in lut.items():
-            tint[reg == r] = col
+        tint = np.zeros_like(px)
+        for i, r in enumerate(uniq):
+            tint[reg == r] = pal[i]
         has = (reg >= 0)[..., None]
-        out = np.where(has, out * 0.62 + tint * 0.38, out)
+        px = np.where(has, px * 0.62 + tint * 0.38, px)
+    out = px * a + DARK_RGB * (1 - a)
+    if region is not None:
         edge = np.zeros((H, W), dtype=bool)
         edge[:, 1:] |= reg[:, 1:] != reg[:, :-1]
         edge[1:, :] |= reg[1:, :] != reg[:-1, :]
-        out[edge] = 255.0
+        out[edge] = 255.0 * a[edge] + DARK_RGB * (1 - a[edge])
     else:
         kept = (depth >= 0.999)[ry][:, rx]
         edge = np.zeros((H, W), dtype=bool)

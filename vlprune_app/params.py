@@ -132,9 +132,27 @@ def method_specs() -> dict[str, MethodSpec]:
                 kind, optional, text = _kind(f)
                 params.append(Param(f.name, kind, default, optional, text))
         doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
-        stages = ", ".join(str(getattr(s, "value", s)) for s in getattr(cls, "stages", ()))
-        specs[name] = MethodSpec(name, cls.__name__, doc, stages, tuple(params))
+        specs[name] = MethodSpec(name, cls.__name__, doc, _stages(cls), tuple(params))
     return specs
+
+
+def _stages(cls) -> str:
+    """The stages a method acts at, as text; composite methods (stages as a property) are instantiated to ask."""
+    stages = getattr(cls, "stages", ())
+    if isinstance(stages, property):
+        stages = None
+        for kw in ({}, {"keep": 64}):
+            try:
+                stages = cls(**kw).stages
+                break
+            except Exception:
+                continue
+        if stages is None:
+            return "composite"
+    try:
+        return ", ".join(str(getattr(s, "value", s)) for s in stages)
+    except TypeError:
+        return "composite"
 
 
 def parse_budget(budget) -> dict:

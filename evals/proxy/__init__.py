@@ -3,6 +3,7 @@
     from evals.proxy import load
     model, processor = load()                  # LlavaForConditionalGeneration, 576 visual tokens per image
     model, processor = load("next")            # LlavaNextForConditionalGeneration (AnyRes)
+    model, processor = load("mqt")             # LLaVA-1.5 with an MQT projector: vlprune.apply(model, "mqt", keep=m)
 
 The weights ship with the project (``evals/proxy/weights``); nothing is downloaded. Figures obtained with them are
 proxy figures (see the model cards in the weight folders). This package does not depend on the pruning engine.
@@ -12,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
-PATHS = {"llava": WEIGHTS / "llava-proxy", "next": WEIGHTS / "llava-next-proxy"}
+PATHS = {"llava": WEIGHTS / "llava-proxy", "next": WEIGHTS / "llava-next-proxy", "mqt": WEIGHTS / "llava-mqt-proxy"}
 
 __all__ = ["WEIGHTS", "PATHS", "load", "path"]
 
@@ -20,7 +21,8 @@ __all__ = ["WEIGHTS", "PATHS", "load", "path"]
 def path(geometry: str = "llava") -> Path:
     """Folder of the shipped proxy model of ``geometry`` ("llava" or "next")."""
     if geometry not in PATHS:
-        raise ValueError(f"geometry {geometry!r} is not one of {sorted(PATHS)}; use 'llava' (LLaVA-1.5) or 'next'")
+        raise ValueError(f"geometry {geometry!r} is not one of {sorted(PATHS)}; use 'llava' (LLaVA-1.5), 'next' "
+                         f"(LLaVA-NeXT) or 'mqt' (LLaVA-1.5 with an MQT projector)")
     p = PATHS[geometry]
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"no proxy weights at {p}; train them with `python -m evals.proxy.train`")
@@ -33,7 +35,12 @@ def load(geometry: str = "llava", dtype=None, device: str = "cpu", attn: str = "
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    cls = LlavaForConditionalGeneration if geometry == "llava" else LlavaNextForConditionalGeneration
+    cls = LlavaNextForConditionalGeneration if geometry == "next" else LlavaForConditionalGeneration
     p = path(geometry) if folder is None else Path(folder)
     model = cls.from_pretrained(p, dtype=dtype or torch.float32, attn_implementation=attn).to(device).eval()
-    return model, AutoProcessor.from_pretrained(p)
+    processor = AutoProcessor.from_pretrained(p)
+    if geometry == "mqt":
+        from vlprune.methods.mqt import attach_mqt, load_mqt
+
+        attach_mqt(model, processor, load_mqt(p))
+    return model, processor

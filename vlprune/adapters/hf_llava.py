@@ -112,6 +112,13 @@ class HFLlavaAdapter:
     # ------------------------------------------------------------------------------------------------ layouts
     def layouts(self, n_images: int, image_sizes) -> list[ImageLayout]:
         """Where each visual token of each image comes from, in the order the host packs them."""
+        n_proj = getattr(self.base.multi_modal_projector, "n_visual_tokens", None)
+        if not self.anyres and n_proj is not None and n_proj != self.side * self.side:
+            # a learned projector (MQT) emits its own number of tokens, with no patch grid behind them
+            kind = torch.full((n_proj,), TOKEN_PATCH)
+            lay = ImageLayout(kind=kind, crop=torch.zeros_like(kind), vit_index=torch.full((n_proj,), -1),
+                              partitions=[Partition("queries", torch.arange(n_proj), (-1, -1))], n_crops=1)
+            return [lay] * n_images
         if not self.anyres:
             s = self.side
             if self.strategy == "full":
@@ -408,6 +415,9 @@ class HFLlavaAdapter:
             rows = int(x.numel() // x.shape[-1])
             if state.vit_merge is not None:  # duplicated merged rows are one token each
                 rows -= state.vit_merge["duplicates"]
+            if hasattr(mod, "mqt"):  # a query transformer: its own cost, not the MLP's
+                state.run.projector_extra_flops += mod.mqt.flops(x.shape[0], x.shape[1], mod.m)
+                return
             state.run.projector_rows += rows
 
         return hook

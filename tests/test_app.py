@@ -1,0 +1,332 @@
+"""The Gradio demo (app.py) as a real server: started as a subprocess on a free port, driven with gradio_client and
+headless Chromium, stopped by its process id.
+
+Skips with a reason when gradio / gradio_client (the ``app`` extra) is missing; the browser test also skips when
+selenium, Debian's ``chromium`` or ``chromium-driver`` is missing. Uses the shipped proxy LVLM (offline).
+"""
+from __future__ import annotations
+
+import os
+
+for _k, _v in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+               "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}.items():
+    os.environ.setdefault(_k, _v)
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("gradio", reason="gradio is not installed: the demo needs the app extra (pip install -e '.[app]')")
+pytest.importorskip("gradio_client", reason="gradio_client is not installed (it comes with gradio: pip install -e '.[app]')")
+
+from gradio_client import Client, handle_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_BYTES = 1_500_000  # a small upload limit, so that the oversized file stays cheap
+MAX_SIDE = 1024
+BUDGET = 64
+STARTUP_S = 150
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
+        self.proc, self.url, self.log = proc, url, log
+
+    def client(self) -> Client:
+        return Client(self.url, verbose=False, analytics_enabled=False, download_files=False)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``python app.py`` on a free port (the proxy, small upload limits); stopped by its pid in the finalizer."""
+    tmp = tmp_path_factory.mktemp("app")
+    port = _free_port()
+    log = tmp / "server.log"
+    env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp / "gradio"), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--max-upload-bytes", str(MAX_BYTES),
+           "--max-image-side", str(MAX_SIDE), "--max-image-pixels", str(MAX_SIDE * MAX_SIDE)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    srv = Server(proc, url, log)
+    try:
+        deadline = time.time() + STARTUP_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited with {proc.returncode} before serving:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"app.py did not serve {url} within {STARTUP_S} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield srv
+    finally:
+        pid = proc.pid
+        if proc.poll() is None:
+            os.kill(pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.kill(pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+        assert proc.poll() is not None, f"app.py (pid {pid}) is still running"
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """Two proxy-benchmark scenes as PNG files with their questions and answers."""
+    from evals.proxy.scenes import make_sample, render, split_seed
+
+    folder = tmp_path_factory.mktemp("scenes")
+    out = []
+    for i, fam in enumerate(("attribute", "counting")):
+        s = make_sample(split_seed("test", 10 + i), fam)
+        p = folder / f"scene_{i}.png"
+        render(s.scene).save(p)
+        out.append((str(p), s.question, s.answer))
+    return out
+
+
+def _run(client: Client, image: str, question: str, methods, budget=BUDGET, params="{}", job=False):
+    args = dict(image=handle_file(image), question=question, methods=list(methods), budget=budget, params=params,
+                max_new_tokens=4, repeats=1, api_name="/run")
+    return client.submit(**args) if job else client.predict(**args)
+
+
+def _raw(out) -> dict:
+    answers, gallery, table, plot, raw, status = out
+    assert isinstance(raw, dict), f"raw output is {type(raw).__name__}: {raw!r}"
+    return raw
+
+
+def _summary(raw: dict) -> list[tuple]:
+    return [(r["name"], r["answer"], r["kept"], r["error"]) for r in raw["rows"]]
+
+
+SEQUENTIAL: dict = {}
+
+
+def test_registry_methods_offered(server):
+    """The /run endpoint offers every method registered in this process (the list is built from the registry)."""
+    import vlprune
+
+    info = server.client().view_api(print_info=False, return_format="dict")
+    assert list(info["named_endpoints"]) == ["/run"], "only /run may be public; the other events are private"
+    params = {p["parameter_name"]: p for p in info["named_endpoints"]["/run"]["parameters"]}
+    assert set(params) == {"image", "question", "methods", "budget", "params", "max_new_tokens", "repeats"}
+    offered = json.dumps(params["methods"]["type"])
+    for name in vlprune.list_methods():
+        assert f'"{name}"' in offered, f"method {name} is registered but not offered by the demo: {offered}"
+
+
+@pytest.mark.parametrize("method", ["random", "pool", "cls_attn", "fastv"])
+def test_one_method_per_request(server, scenes, method):
+    image, question, _ = scenes[0]
+    out = _run(server.client(), image, question, [method])
+    answers, gallery, table, plot, raw, status = out
+    rows = raw["rows"]
+    assert [r["name"] for r in rows] == ["unpruned", method]
+    base, row = rows
+    assert row["error"] is None, row["error"]
+    assert base["visual_tokens"] == row["visual_tokens"] == 576
+    assert base["kept"] == 576 and base["visual_per_layer"] == [576] * len(base["visual_per_layer"])
+    assert 0 < row["kept"] <= BUDGET
+    assert row["tflops_prefill"] < base["tflops_prefill"]
+    assert row["prefill_ms"] > 0 and row["e2e_ms"] > 0 and base["prefill_ms"] > 0
+    assert row["answer"] and base["answer"]
+    assert answers.splitlines() == [f"unpruned: {base['answer']}", f"{method}: {row['answer']}"]
+    assert len(gallery) == 2 and all(g["image"]["path"] for g in gallery)
+    assert [r[0] for r in table["data"]] == ["unpruned", method]
+    layers = {(d[2], d[0]): d[1] for d in plot["data"]}
+    assert layers[(method, len(row["visual_per_layer"]) - 1)] == row["kept"]
+    assert row["merged"] == (method == "pool")
+    if method == "fastv":  # pruned inside the decoder at layer k=2: all tokens enter, the budget leaves
+        assert row["visual_per_layer"][:2] == [576, 576] and row["visual_per_layer"][2] == BUDGET
+    else:  # pruned before the decoder
+        assert row["visual_per_layer"][0] == row["kept"]
+    assert "Ran the unpruned model" in status
+    SEQUENTIAL[method] = (image, question, _summary(raw))
+
+
+def test_advanced_hyperparameters_reach_the_method(server, scenes):
+    """A hyperparameter changed in the advanced section (sent as JSON) reaches the method: FastV at layer 3."""
+    image, question, _ = scenes[0]
+    raw = _raw(_run(server.client(), image, question, ["fastv"], params=json.dumps({"fastv": {"k": 3}})))
+    row = raw["rows"][1]
+    assert row["params"]["k"] == 3, row["params"]
+    assert row["visual_per_layer"][:3] == [576] * 3 and row["visual_per_layer"][3] == BUDGET
+    with pytest.raises(Exception, match="fastv: k must be"):
+        _run(server.client(), image, question, ["fastv"], params=json.dumps({"fastv": {"k": 0}}))
+    with pytest.raises(Exception, match="no hyperparameter 'nope'"):
+        _run(server.client(), image, question, ["pool"], params=json.dumps({"pool": {"nope": 1}}))
+
+
+def test_concurrent_requests_equal_sequential_runs(server, scenes):
+    """Two users at once, different methods and images: each gets its own methods' results, equal to sequential
+    runs, and the two requests never held the model at the same time."""
+    (img_a, q_a, _), (img_b, q_b, _) = scenes
+    seq_a = _raw(_run(server.client(), img_a, q_a, ["pool"]))
+    seq_b = _raw(_run(server.client(), img_b, q_b, ["fastv"]))
+    client_a, client_b = server.client(), server.client()
+    barrier = threading.Barrier(2)
+    jobs = {}
+
+    def submit(key, client, img, q, methods):
+        barrier.wait()
+        jobs[key] = _run(client, img, q, methods, job=True)
+
+    threads = [threading.Thread(target=submit, args=("a", client_a, img_a, q_a, ["pool"])),
+               threading.Thread(target=submit, args=("b", client_b, img_b, q_b, ["fastv"]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    con_a, con_b = _raw(jobs["a"].result(timeout=120)), _raw(jobs["b"].result(timeout=120))
+    assert [r["name"] for r in con_a["rows"]] == ["unpruned", "pool"]
+    assert [r["name"] for r in con_b["rows"]] == ["unpruned", "fastv"]
+    assert _summary(con_a) == _summary(seq_a)
+    assert _summary(con_b) == _summary(seq_b)
+    for con, seq in ((con_a, seq_a), (con_b, seq_b)):  # same schedules too: no leaked or foreign patch
+        assert [r["visual_per_layer"] for r in con["rows"]] == [r["visual_per_layer"] for r in seq["rows"]]
+    first, second = sorted((con_a, con_b), key=lambda r: r["started_at"])
+    assert first["finished_at"] <= second["started_at"], "two requests held the model at the same time"
+    if "pool" in SEQUENTIAL and SEQUENTIAL["pool"][0] == img_a:  # also equal to the one-request-per-method runs
+        assert _summary(con_a) == SEQUENTIAL["pool"][2]
+
+
+def test_bad_uploads_get_clear_messages_and_server_keeps_serving(server, scenes, tmp_path):
+    from PIL import Image
+
+    image, question, _ = scenes[0]
+    client = server.client()
+    bad = tmp_path / "not_an_image.png"
+    bad.write_text("this is text, not a PNG")
+    with pytest.raises(Exception, match=r"Could not read not_an_image\.png as an image"):
+        _run(client, str(bad), question, ["pool"])
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(Path(image).read_bytes()[:300])
+    with pytest.raises(Exception, match=r"Could not read truncated\.png as an image"):
+        _run(client, str(truncated), question, ["pool"])
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (MAX_SIDE + 500, 40), (200, 30, 30)).save(wide)
+    assert wide.stat().st_size < MAX_BYTES
+    with pytest.raises(Exception, match=rf"{MAX_SIDE + 500}x40 px.*at most {MAX_SIDE} px per side"):
+        _run(client, str(wide), question, ["pool"])
+    big = tmp_path / "big.png"
+    big.write_bytes(Path(image).read_bytes() + os.urandom(MAX_BYTES))  # a valid PNG with trailing bytes
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):  # the client checks the limit itself
+        _run(client, str(big), question, ["pool"])
+    # ... and the server refuses it too when the client does not check
+    import httpx
+
+    with open(big, "rb") as f:
+        r = httpx.post(server.url + "gradio_api/upload", files=[("files", ("big.png", f, "image/png"))], timeout=30)
+    assert r.status_code == 413, (r.status_code, r.text[:200])
+    assert "File size exceeded" in r.text or "maximum allowed size" in r.text, r.text[:200]
+    with pytest.raises(Exception, match="Pick at least one method"):
+        _run(client, image, question, [])
+    with pytest.raises(Exception, match="budget must be"):
+        _run(client, image, question, ["pool"], budget=-3)
+    with pytest.raises(Exception, match="Type a question"):
+        _run(client, image, "   ", ["pool"])
+    assert server.alive()
+    raw = _raw(_run(client, image, question, ["random"]))  # still serving, with correct results
+    assert raw["rows"][1]["kept"] == BUDGET and raw["rows"][1]["error"] is None
+
+
+def test_harness_results_tab(server):
+    """The second tab shows the harness results written for the loaded model (results/proxy-default)."""
+    with urllib.request.urlopen(server.url + "config", timeout=10) as r:
+        config = json.loads(r.read())
+    by_id = {c.get("props", {}).get("elem_id"): c for c in config["components"] if c.get("props", {}).get("elem_id")}
+    runs = json.loads((ROOT / "results" / "proxy-default" / "results.json").read_text())
+    assert "harness-caption" in by_id, "no harness results shown although results/proxy-default exists"
+    assert "model `proxy`" in by_id["harness-caption"]["props"]["value"]
+    assert "proxy-default" in json.dumps(by_id["harness-run"]["props"]["choices"])
+    table = by_id["harness-table"]["props"]["value"]["data"]
+    assert len(table) >= len(runs["results"]) or len(table) > 0
+
+
+def _chromium():
+    for b in ("chromium", "chromium-browser"):
+        p = shutil.which(b)
+        if p:
+            return p
+    return None
+
+
+def test_browser_click_runs_a_comparison(server, scenes):
+    """Headless Chromium: load the page, upload a scene, type the question, click Compare, wait for the answers,
+    save a screenshot to docs/demo.png."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = _chromium(), shutil.which("chromedriver")
+    if browser is None or driver_path is None:
+        pytest.skip(f"headless browser test needs Debian's chromium and chromium-driver (apt-get install chromium "
+                    f"chromium-driver); found chromium={browser}, chromedriver={driver_path}")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,2200",
+              "--hide-scrollbars"):
+        opts.add_argument(a)
+    try:
+        driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    except WebDriverException as e:
+        pytest.skip(f"chromium could not be started here: {str(e).splitlines()[0]}")
+    shot = ROOT / "docs" / "demo.png"
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(server.url)
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#run-btn")
+                   and d.find_elements(By.CSS_SELECTOR, "#image-in input[type=file]")
+                   and d.find_elements(By.CSS_SELECTOR, "#question textarea"))
+        image, question, _ = scenes[1]
+        driver.find_element(By.CSS_SELECTOR, "#image-in input[type=file]").send_keys(image)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image-in img"))
+        box = driver.find_element(By.CSS_SELECTOR, "#question textarea")
+        box.clear()
+        box.send_keys(question)
+        driver.find_element(By.CSS_SELECTOR, "#run-btn").click()
+        answers = lambda d: d.find_element(By.CSS_SELECTOR, "#answers textarea").get_attribute("value")  # noqa: E731
+        WebDriverWait(driver, 120).until(lambda d: answers(d).count("\n") >= 3)
+        lines = answers(driver).splitlines()
+        assert [ln.split(":")[0] for ln in lines] == ["unpruned", "pool", "cls_attn", "fastv"], lines
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 4)
+        wait.until(lambda d: "fastv" in d.find_element(By.CSS_SELECTOR, "#results").text)
+        time.sleep(1.0)  # let the gallery images finish painting before the screenshot
+        shot.parent.mkdir(exist_ok=True)
+        driver.save_screenshot(str(shot))
+    except Exception:
+        driver.save_screenshot(str(ROOT / "docs" / "demo-failure.png"))
+        raise
+    finally:
+        driver.quit()
+    assert shot.exists() and shot.stat().st_size > 10_000

@@ -1,0 +1,372 @@
+"""The Gradio interface: ``build_demo(session, ...)`` returns the Blocks; ``launch_kwargs(...)`` the safe launch.
+
+Tab "Compare": an image (upload, example scenes of the proxy benchmark, CC0 photos), a question, methods and a
+budget; one click runs the unpruned model and every chosen method on the shared model and shows, per method, the
+answer, the kept tokens on the image (merged regions for merging methods), visual tokens per decoder layer,
+TFLOPs and measured prefill and end-to-end times. The advanced section holds every hyperparameter of every
+registered method at its default, built from the registry at start-up. Tab "Harness results": the accuracy
+against TFLOPs results that ``vlprune eval`` wrote for the loaded model.
+
+Concurrency: the only event that touches the model is ``/run`` (queue id "model", limit 1, queue API closed to
+direct POSTs), and ``Session.compare`` holds the model lock around apply -> run -> remove. See ``engine.py``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+import PIL.Image
+
+from .engine import Session
+from .overlay import card, overlay
+from .params import changed_values, method_kwargs, method_specs, parse_budget, parse_overrides
+from .results import find_runs
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+DEFAULT_METHODS = ("pool", "cls_attn", "fastv")  # pre-ticked when registered; every registered method is listed
+MAX_QUESTION = 500
+
+
+class Limits:
+    """Upload limits: bytes per file and image dimensions (longest side and total pixels)."""
+
+    def __init__(self, max_bytes: int = 10 * 2 ** 20, max_side: int = 4096, max_pixels: int = 4096 * 4096):
+        for name, v in (("max_bytes", max_bytes), ("max_side", max_side), ("max_pixels", max_pixels)):
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"upload limit {name} must be a positive integer; got {v!r}")
+        self.max_bytes, self.max_side, self.max_pixels = max_bytes, max_side, max_pixels
+
+    def describe(self) -> str:
+        return (f"{self.max_bytes / 2 ** 20:.1f} MiB per file, {self.max_side} px per side, "
+                f"{self.max_pixels / 1e6:.1f} megapixels")
+
+    def check(self, img: PIL.Image.Image) -> None:
+        w, h = img.size
+        if w > self.max_side or h > self.max_side or w * h > self.max_pixels:
+            raise gr.Error(
+                f"The image is {w}x{h} px ({w * h / 1e6:.1f} megapixels); this demo accepts at most {self.max_side} "
+                f"px per side and {self.max_pixels / 1e6:.1f} megapixels. Downscale it (the model sees 336 px tiles "
+                f"anyway) and upload it again.", title="Image too large")
+        if w < 2 or h < 2:
+            raise gr.Error(f"The image is {w}x{h} px; give an image of at least 2x2 px.", title="Image too small")
+
+
+class SafeImage(gr.Image):
+    """``gr.Image`` whose preprocessing turns unreadable, oversized or too large images into a clear message.
+
+    Gradio decodes uploads before the event handler runs, and without this a broken file ends the request with a
+    generic error. ``is_template`` makes Gradio render and describe it as its parent, the ordinary Image."""
+
+    is_template = True
+
+    def __init__(self, *args, limits: Limits, **kwargs):
+        self.limits = limits
+        super().__init__(*args, **kwargs)
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        path = getattr(payload, "path", None)
+        name = getattr(payload, "orig_name", None) or (Path(path).name if path else "the upload")
+        if path and os.path.exists(path):
+            size = os.path.getsize(path)
+            if size > self.limits.max_bytes:
+                raise gr.Error(f"{name} is {size / 2 ** 20:.1f} MiB; this demo accepts files up to "
+                               f"{self.limits.max_bytes / 2 ** 20:.1f} MiB. Compress or downscale it.",
+                               title="File too large")
+        try:
+            img = super().preprocess(payload)
+        except gr.Error:
+            raise
+        except PIL.Image.DecompressionBombError as e:
+            raise gr.Error(f"{name} has too many pixels ({e}); this demo accepts at most "
+                           f"{self.limits.max_pixels / 1e6:.1f} megapixels. Downscale it.",
+                           title="Image too large") from None
+        except Exception as e:  # malformed, truncated or not an image at all
+            reason = str(e).split("\n")[0].replace(str(path), name) if path else str(e).split("\n")[0]
+            raise gr.Error(f"Could not read {name} as an image ({type(e).__name__}: {reason[:160]}). Upload a PNG, "
+                           f"JPEG, WebP, BMP or GIF file.", title="Unreadable image") from None
+        if img is not None:
+            self.limits.check(img)
+        return img
+
+
+# ------------------------------------------------------------------------------------------------------ examples
+def example_rows(session: Session) -> list[list]:
+    """[image path, question, expected answer]: proxy-benchmark scenes (rendered from seeds, one per question
+    family) and the CC0 photos under assets/."""
+    rows = []
+    try:
+        from evals.proxy.scenes import FAMILIES, make_sample, render, split_seed
+
+        geometry = "next" if session.anyres else "llava"
+        folder = Path(tempfile.gettempdir()) / "vlprune_app_examples"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, fam in enumerate(FAMILIES):
+            s = make_sample(split_seed("test", i), fam, geometry=geometry)
+            path = folder / f"scene_{geometry}_{s.seed}_{fam}.png"
+            if not path.exists():
+                render(s.scene).save(path)
+            rows.append([str(path), s.question, f"{s.answer} (proxy scene, {fam})"])
+    except Exception:  # the benchmark package is optional for the app; photos still work
+        pass
+    proxy = session.proxy
+    photos = [("chelsea.jpg", "what colour is the object ?" if proxy else "What animal is in the picture?"),
+              ("coffee.jpg", "how many objects are there ?" if proxy else "What is in the cup?"),
+              ("camera.jpg", "is there a square in the image ?" if proxy else "What is the person holding?")]
+    for fname, q in photos:
+        p = ASSETS / fname
+        if p.exists():
+            rows.append([str(p), q, "- (CC0 photo; the proxy knows only coloured shapes)" if proxy else "-"])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ results
+def _fmt(v, f):
+    return "-" if v is None else format(v, f)
+
+
+def _title(r) -> str:
+    if r.name == "unpruned":
+        return "unpruned"
+    p = r.params
+    b = f"keep={p['keep']}" if p.get("keep") is not None else (
+        f"keep_ratio={p['keep_ratio']}" if p.get("keep_ratio") is not None else "")
+    extra = f" k={p['k']}" if "k" in p else ""
+    return f"{r.name} {b}{extra}".strip()
+
+
+def render_outputs(session: Session, comp, limits_display: int = 448):
+    import pandas as pd
+
+    base = comp.rows[0]
+    cards, table, answers, lines = [], [], [], []
+    for r in comp.rows:
+        if r.error:
+            answers.append(f"{r.name}: ERROR {r.error}")
+            pic = overlay(comp.image, comp.layout, session.model.config, session.processor.image_processor,
+                          __import__("numpy").zeros(comp.visual_tokens, dtype="float32"), None, limits_display)
+            cards.append((card(_title(r), [f"error: {r.error[:70]}"], pic, [], comp.visual_tokens, error=r.error),
+                          f"{r.name}: error"))
+            table.append([r.name, f"ERROR: {r.error}", "-", "-", "-", "-", "-", "-", "-", "-", r.label])
+            continue
+        answers.append(f"{r.name}: {r.answer}")
+        ratio = (r.tflops_prefill / base.tflops_prefill) if r.tflops_prefill and base.tflops_prefill else None
+        pic = overlay(comp.image, comp.layout, session.model.config, session.processor.image_processor, r.depth,
+                      r.merged_into, limits_display)
+        kept_txt = f"{r.kept}/{r.visual_tokens}"
+        if r.kept_before_llm != r.kept and r.name != "unpruned":
+            kept_txt += f" ({r.kept_before_llm} enter the decoder)"
+        text = [f"answer: {r.answer!r}" + ("" if r.name == "unpruned" else
+                                          ("  (same as unpruned)" if r.answer == base.answer else "  (differs)")),
+                f"kept {kept_txt}{'  merged' if r.merged else ''}",
+                f"TFLOPs prefill {_fmt(r.tflops_prefill, '.4f')}" + (f" ({ratio:.2f}x)" if ratio else ""),
+                f"prefill {_fmt(r.prefill_ms, '.0f')} ms, end-to-end {_fmt(r.e2e_ms, '.0f')} ms"]
+        cards.append((card(_title(r), text, pic, r.visual_per_layer, r.visual_tokens),
+                      f"{r.name}: {r.answer!r}, kept {r.kept}/{r.visual_tokens}, {_fmt(r.tflops_prefill, '.4f')} "
+                      f"TFLOPs, prefill {_fmt(r.prefill_ms, '.0f')} ms, e2e {_fmt(r.e2e_ms, '.0f')} ms"))
+        table.append([r.name, r.answer, kept_txt, _fmt(r.equivalent_tokens, ".1f"), _fmt(r.tflops_prefill, ".5f"),
+                      _fmt(r.tflops_generate, ".5f"), _fmt(ratio, ".2f"), _fmt(r.prefill_ms, ".1f"),
+                      _fmt(r.e2e_ms, ".1f"), _fmt(r.method_ms, ".2f"), r.label])
+        for layer, v in enumerate(r.visual_per_layer):
+            lines.append({"layer": layer, "visual tokens": v, "method": r.name})
+    df = pd.DataFrame(lines if lines else [{"layer": 0, "visual tokens": 0, "method": "unpruned"}])
+    raw = {"question": comp.question, "prompt": comp.prompt, "visual_tokens": comp.visual_tokens,
+           "model": session.spec, "waited_s": comp.waited_s, "ran_s": comp.ran_s,
+           "started_at": comp.started_at, "finished_at": comp.finished_at,
+           "rows": [r.as_json() for r in comp.rows]}
+    n_err = sum(1 for r in comp.rows if r.error)
+    status = (f"Ran the unpruned model and {len(comp.rows) - 1} method(s) on {comp.visual_tokens} visual tokens in "
+              f"{comp.ran_s:.1f} s (waited {comp.waited_s:.1f} s for the shared model). Times: median of the timed "
+              f"runs after one warm-up, on {session.device}; a shared machine makes them noisy. TFLOPs: vlprune's "
+              f"cost model (2 x MACs, whole prefill incl. vision tower)."
+              + (f" **{n_err} method(s) failed**: see the table." if n_err else ""))
+    return "\n".join(answers), cards, table, df, raw, status
+
+
+TABLE_HEADERS = ["method", "answer", "kept / visual", "equiv. tokens", "TFLOPs prefill", "TFLOPs generate",
+                 "x unpruned FLOPs", "prefill ms", "e2e ms", "method ms", "hyperparameters"]
+
+
+# ------------------------------------------------------------------------------------------------------ demo
+def build_demo(session: Session, results_dir=None, limits: Limits | None = None) -> gr.Blocks:
+    """The Blocks of the demo for a loaded ``Session``. One demo per server (tests build one per test)."""
+    limits = limits or Limits()
+    PIL.Image.MAX_IMAGE_PIXELS = max(1, limits.max_pixels // 2)  # Pillow refuses above 2x this: decompression bombs
+    results_dir = Path(results_dir) if results_dir is not None else ROOT / "results"
+    specs = method_specs()
+    names = list(specs)
+    defaults = [m for m in DEFAULT_METHODS if m in specs] or names[:2]
+
+    def collect(*values):
+        out, i = {}, 0
+        try:
+            for name in names:
+                spec = specs[name]
+                changed = changed_values(spec, values[i:i + len(spec.params)])
+                i += len(spec.params)
+                if changed:
+                    out[name] = changed
+        except ValueError as e:
+            raise gr.Error(str(e), title="Invalid hyperparameter") from None
+        import json
+
+        return json.dumps(out)
+
+    def run(image, question, methods, budget, params, max_new_tokens, repeats):
+        """Run the unpruned model and each chosen method on one image and question.
+
+        image: the image; question: text; methods: registered method names; budget: visual tokens kept (an
+        integer >= 1) or a share in (0, 1); params: JSON {method: {hyperparameter: value}} overriding the defaults
+        (a method's own keep / keep_ratio overrides the budget); max_new_tokens: answer length; repeats: timed runs
+        per method (median). Returns answers, cards, table, per-layer token counts, raw JSON and a status line."""
+        import vlprune
+
+        if image is None:
+            raise gr.Error("Upload an image or pick an example first.", title="No image")
+        if not isinstance(image, PIL.Image.Image):
+            raise gr.Error(f"Expected an image; got {type(image).__name__}.", title="No image")
+        limits.check(image)
+        question = (question or "").strip()
+        if not question:
+            raise gr.Error("Type a question about the image.", title="No question")
+        if len(question) > MAX_QUESTION:
+            raise gr.Error(f"The question has {len(question)} characters; the limit is {MAX_QUESTION}.",
+                           title="Question too long")
+        methods = [methods] if isinstance(methods, str) else list(methods or [])
+        if not methods:
+            raise gr.Error(f"Pick at least one method (registered: {', '.join(names)}).", title="No method")
+        unknown = [m for m in methods if m not in specs]
+        if unknown:
+            raise gr.Error(f"Unknown method(s) {unknown}; registered: {', '.join(names)}.", title="Unknown method")
+        methods = list(dict.fromkeys(methods))
+        try:
+            b = parse_budget(budget)
+            overrides = parse_overrides(params, specs)
+            built = [(m, vlprune.get_method(m, **method_kwargs(m, specs[m], b, overrides))) for m in methods]
+        except (ValueError, TypeError) as e:
+            raise gr.Error(str(e), title="Invalid settings") from None
+        try:
+            new_tokens = int(max_new_tokens) if max_new_tokens else session.default_new_tokens
+            reps = int(repeats) if repeats else 1
+        except (TypeError, ValueError):
+            raise gr.Error(f"max_new_tokens and repeats must be integers; got {max_new_tokens!r}, {repeats!r}",
+                           title="Invalid settings") from None
+        if not 1 <= new_tokens <= 256 or not 1 <= reps <= 10:
+            raise gr.Error(f"max_new_tokens must be in 1..256 and repeats in 1..10; got {new_tokens}, {reps}",
+                           title="Invalid settings")
+        comp = session.compare(image, question, built, max_new_tokens=new_tokens, repeats=reps)
+        return render_outputs(session, comp)
+
+    with gr.Blocks(title="vlprune demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(
+            "# vlprune: visual-token compression, side by side\n"
+            f"Model: **{session.description}**. Every method is attached to this one model with hooks for your "
+            "request and removed afterwards; requests take turns on the model."
+            + ("\n\n*Proxy model: a small LVLM trained here on coloured-shape scenes, under-trained; its answers and "
+               "accuracies are proxy figures, indicative only. Photos are outside what it knows.*"
+               if session.proxy else ""))
+        with gr.Tab("Compare", id="compare"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    image = SafeImage(label="Image", type="pil", image_mode="RGB", sources=["upload", "clipboard"],
+                                      elem_id="image-in", height=320, limits=limits)
+                    question = gr.Textbox(label="Question", elem_id="question", lines=1, max_lines=3,
+                                          placeholder="e.g. is there a red circle in the image ?")
+                    expected = gr.Textbox(label="Expected answer (example scenes)", elem_id="expected",
+                                          interactive=False)
+                    gr.Markdown(f"Uploads: at most {limits.describe()}.")
+                with gr.Column(scale=1):
+                    methods = gr.CheckboxGroup(names, value=defaults, label="Methods", elem_id="methods",
+                                               info="Every registered method; each runs beside the unpruned model.")
+                    budget = gr.Number(value=64, label="Budget: visual tokens to keep (or a share below 1, e.g. 0.25)",
+                                       elem_id="budget")
+                    run_btn = gr.Button("Compare", variant="primary", elem_id="run-btn")
+                    status = gr.Markdown(elem_id="status")
+            rows = example_rows(session)
+            if rows:
+                gr.Examples(examples=rows, inputs=[image, question, expected],
+                            label="Examples: proxy-benchmark scenes and CC0 photos", examples_per_page=9)
+            with gr.Accordion("Advanced: method hyperparameters (defaults from each method's paper)", open=False,
+                              elem_id="advanced"):
+                with gr.Row():
+                    max_new = gr.Slider(1, 64, value=session.default_new_tokens, step=1, label="Max new tokens",
+                                        elem_id="max-new-tokens")
+                    repeats = gr.Slider(1, 5, value=1, step=1, label="Timed runs per method (median)",
+                                        elem_id="repeats")
+                gr.Markdown("A method's own `keep` / `keep_ratio` replaces the budget above for that method. Empty "
+                            "fields mean None.")
+                widgets = []
+                for name in names:
+                    spec = specs[name]
+                    with gr.Accordion(f"{name} ({spec.class_name}; stages: {spec.stages})", open=False):
+                        if spec.summary:
+                            gr.Markdown(spec.summary[:600])
+                        with gr.Row():
+                            for p in spec.params:
+                                label = f"{p.name} ({p.type_text})"
+                                eid = f"hp-{name}-{p.name}"
+                                if p.kind == "bool":
+                                    w = gr.Checkbox(value=bool(p.default), label=label, elem_id=eid)
+                                elif p.kind in ("int", "float"):
+                                    w = gr.Number(value=p.default, label=label, elem_id=eid,
+                                                  precision=0 if p.kind == "int" else None)
+                                else:
+                                    w = gr.Textbox(value=p.widget_value(), label=label, elem_id=eid)
+                                widgets.append(w)
+                params_json = gr.Textbox(label="Hyperparameters sent with the request (changed from the defaults)",
+                                         value="{}", elem_id="params-json", interactive=False)
+            answers = gr.Textbox(label="Answers", elem_id="answers", lines=3, interactive=False)
+            gallery = gr.Gallery(label="Kept tokens on the image the model saw (bright: reached the last decoder "
+                                       "layer, green border; dimmed by how early a token was dropped; merged regions "
+                                       "tinted)", elem_id="gallery", columns=3, height="auto", object_fit="contain",
+                                 format="png")
+            table = gr.Dataframe(headers=TABLE_HEADERS, label="Answers, kept tokens, cost and time per method",
+                                 elem_id="results", interactive=False, wrap=True)
+            plot = gr.LinePlot(x="layer", y="visual tokens", color="method", label="Visual tokens per decoder layer",
+                               elem_id="layers-plot", height=260)
+            with gr.Accordion("Raw results (JSON)", open=False):
+                raw = gr.JSON(label="Raw results", elem_id="raw")
+
+            run_btn.click(collect, widgets, params_json, queue=False, api_visibility="private").success(
+                run, [image, question, methods, budget, params_json, max_new, repeats],
+                [answers, gallery, table, plot, raw, status], api_name="run", concurrency_limit=1,
+                concurrency_id="model")
+
+        with gr.Tab("Harness results", id="harness"):
+            runs = find_runs(results_dir, session.spec)
+            if not runs:
+                gr.Markdown(
+                    f"**No harness results for model `{session.spec}`** were found under `{results_dir}` (looked for "
+                    f"`*/results.json` whose `meta.model` is `{session.spec}`). Run the harness, then restart the "
+                    f"demo:\n\n```\nvlprune eval --model {session.spec} --out {results_dir}/<name>\n```",
+                    elem_id="harness-none")
+            else:
+                by_name = {r.name: r for r in runs}
+
+                def show(name):
+                    r = by_name.get(name) or runs[0]
+                    png = PIL.Image.open(r.png).convert("RGB") if r.png else None
+                    note = "" if r.png else "\n\n(no `accuracy_vs_tflops.png` in this folder; table only)"
+                    return r.caption() + note, png, r.table()[1]
+
+                cap0, png0, data0 = show(runs[0].name)
+                pick = gr.Dropdown([r.name for r in runs], value=runs[0].name, label="Results folder",
+                                   elem_id="harness-run", info=f"{len(runs)} run(s) of this model under {results_dir}")
+                cap = gr.Markdown(cap0, elem_id="harness-caption")
+                fig = gr.Image(png0, label="Accuracy against TFLOPs (from the harness)", elem_id="harness-plot",
+                               interactive=False, type="pil")
+                tab = gr.Dataframe(value=data0, headers=runs[0].table()[0], label="Harness table",
+                                   elem_id="harness-table", interactive=False)
+                pick.change(show, pick, [cap, fig, tab], queue=False, api_visibility="private")
+    demo.queue(default_concurrency_limit=1, max_size=16, api_open=False)
+    return demo
+
+
+def launch_kwargs(limits: Limits, port: int | None = None, host: str = "127.0.0.1") -> dict:
+    """The launch settings of spec/gradio.md: local address, upload limit, no monitoring, no share."""
+    return dict(server_name=host, server_port=port, max_file_size=limits.max_bytes, show_error=False,
+                enable_monitoring=False, allowed_paths=[], share=False, footer_links=["gradio"])
