@@ -133,6 +133,10 @@ def markdown_table(result: dict) -> str:
         "scoring overhead | method s (share of its prefill) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    decode = any(r.get("decode_s_per_token") is not None for r in result["rows"])
+    if decode:
+        lines[0] += " decode ms / token | KV cache MiB after decoding |"
+        lines[1] += " ---: | ---: |"
     for r in result["rows"]:
         share = r["scoring_flops"] / r["total_flops"] if r["total_flops"] else 0.0
         scoring = "-" if not r["scoring_flops"] else f"{100 * share:.4f}% ({r['scoring_flops'] / 1e9:.4f} GFLOPs)"
@@ -141,6 +145,7 @@ def markdown_table(result: dict) -> str:
             f"{r['speedup']:.2f}x | "
             f"{r['flops_ratio']:.3f} | {r['total_flops'] / 1e12:.3f} | {scoring} | "
             + ("-" if r["method_s"] is None else f"{r['method_s']:.4f} ({100 * r['method_share']:.2f}%)") + " |"
+            + (f" {1000 * r['decode_s_per_token']:.1f} | {r['kv_bytes_after_decode'] / 2**20:.1f} |" if decode else "")
         )
     return "\n".join(lines)
 
@@ -157,6 +162,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     ap.add_argument("--text-tokens", type=int, default=50, help="text tokens in the prompt besides the image")
     ap.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all registered)")
+    ap.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                    help="a method hyperparameter, e.g. mustdrop.merging=false (repeatable)")
+    ap.add_argument("--official-attention", nargs="*", default=[], metavar="METHOD",
+                    help="also time these methods with eager (full-matrix) attention in every decoder layer from "
+                         "their first scoring layer on, as the official MustDrop/SparseVLM code runs them")
+    ap.add_argument("--decode-tokens", type=int, default=0,
+                    help="also time generate with this many new tokens and report the per-token decode time")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(DEFAULT_OUT), help=f"JSON path (default {DEFAULT_OUT.relative_to(HERE.parent)})")
@@ -188,56 +200,108 @@ def main(argv=None) -> int:
           f"{n_tokens} tokens = {n_image} image + {n_tokens - n_image} text; {budget}, fastv k={args.k}; "
           f"{args.threads} threads; 1 warm-up + {args.repeats} interleaved rounds", flush=True)
 
+    params: dict[str, dict] = {}
+    for item in args.param:
+        lhs, _, value = item.partition("=")
+        if "." not in lhs or not _:
+            ap.error(f"--param {item!r} must look like METHOD.NAME=VALUE, e.g. mustdrop.merging=false")
+        try:
+            val = json.loads(value)
+        except json.JSONDecodeError:
+            val = value
+        params.setdefault(lhs.split(".", 1)[0], {})[lhs.split(".", 1)[1]] = val
+
     def kwargs_of(n):
         kw = method_kwargs(n, args.keep, args.k)
         if args.keep_ratio is not None:
             kw.pop("keep")
             kw["keep_ratio"] = args.keep_ratio
+        kw.update(params.get(n, {}))
         return kw
 
-    configs = [("unpruned", None)] + [
-        (n + (f" k={args.k}" if n == "fastv" else ""), vlprune.get_method(n, **kwargs_of(n))) for n in names
+    configs = [("unpruned", None, None)] + [
+        (n + (f" k={args.k}" if n == "fastv" else ""), vlprune.get_method(n, **kwargs_of(n)), None) for n in names
     ]
+    n_layers = model.config.text_config.num_hidden_layers
+    for n in args.official_attention:
+        m = vlprune.get_method(n, **kwargs_of(n))
+        first = min(m.score_layers(n_layers) or [0])
+        configs.append((f"{n} (eager attention from layer {first})", m, first))
+    layers = model.model.language_model.layers
+    tcfg = model.config.text_config
+
+    def eager_from(first):
+        """Pre-hooks: decoder layers >= first attend with the eager kernel (full probability matrices) and an
+        explicit causal mask; earlier layers keep SDPA."""
+        def pre(mod, args_, kwargs, i):
+            tcfg._attn_implementation = "eager" if i >= first else "sdpa"
+            q = args_[0].shape[1]
+            if i >= first and kwargs.get("attention_mask") is None and q > 1:
+                kwargs["attention_mask"] = torch.triu(torch.full((q, q), torch.finfo(args_[0].dtype).min,
+                                                                 dtype=args_[0].dtype), 1)[None, None]
+            return args_, kwargs
+        return [l.register_forward_pre_hook(lambda mod, a, k, i=i: pre(mod, a, k, i), with_kwargs=True)
+                for i, l in enumerate(layers)]
 
     def prefill():
         return model(**inputs, use_cache=True, logits_to_keep=1)
 
-    times: dict[str, list[float]] = {label: [] for label, _ in configs}
-    method_s: dict[str, list[float]] = {label: [] for label, _ in configs}
+    def generate():
+        return model.generate(**inputs, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens,
+                              do_sample=False)
+
+    times: dict[str, list[float]] = {label: [] for label, _, _ in configs}
+    gen_times: dict[str, list[float]] = {label: [] for label, _, _ in configs}
+    method_s: dict[str, list[float]] = {label: [] for label, _, _ in configs}
     info: dict[str, dict] = {}
     with torch.inference_mode():
         for rnd in range(args.repeats + 1):  # round 0 is the warm-up
-            for label, method in configs:
+            for label, method, eager in configs:
                 if method is not None:
                     vlprune.apply(model, method)
+                handles = eager_from(eager) if eager is not None else []
                 try:
                     t = time.perf_counter()
                     prefill()
                     dt = time.perf_counter() - t
-                    if method is not None:
+                    if method is not None:  # the prefill's stats, before any decoding
                         s = vlprune.stats(model)
                         if rnd == 0:
                             info[label] = {"stats": s, "method": method}
                         else:
                             method_s[label].append(s["method_seconds"])
+                    if args.decode_tokens:
+                        t = time.perf_counter()
+                        generate()
+                        if rnd > 0:
+                            gen_times[label].append(time.perf_counter() - t)
+                        if rnd == 0 and method is not None:
+                            info[label]["kv_bytes"] = vlprune.stats(model)["cost"].kv_bytes
                 finally:
+                    for h in handles:
+                        h.remove()
+                    tcfg._attn_implementation = "sdpa"
                     vlprune.remove(model)
                 if rnd > 0:
                     times[label].append(dt)
             if rnd > 0:
-                print(f"  round {rnd}: " + ", ".join(f"{lab} {times[lab][-1]:.3f}s" for lab, _ in configs), flush=True)
+                print(f"  round {rnd}: " + ", ".join(f"{lab} {times[lab][-1]:.3f}s" for lab, _, _ in configs),
+                      flush=True)
             else:
                 print("  warm-up done", flush=True)
         # the unpruned model's schedule and cost, through a method that changes nothing
         vlprune.apply(model, identity_method())
         prefill()
         info["unpruned"] = {"stats": vlprune.stats(model), "method": None}
+        if args.decode_tokens:
+            generate()
+            info["unpruned"]["kv_bytes"] = vlprune.stats(model)["cost"].kv_bytes
         vlprune.remove(model)
 
     base_t = statistics.median(times["unpruned"])
     base_flops = info["unpruned"]["stats"]["cost"].total
     rows = []
-    for label, method in configs:
+    for label, method, _ in configs:
         s = info[label]["stats"]
         c = s["cost"]
         n_in = sum(int(i["visual_tokens"]) for i in s["images"] if i["sample"] == 0)
@@ -256,6 +320,9 @@ def main(argv=None) -> int:
             "flops_ratio": c.total / base_flops,
             "scoring_flops": c.scoring,
             "scoring_share": c.scoring / c.total if c.total else 0.0,
+            "decode_s_per_token": ((statistics.median(gen_times[label]) - med) / args.decode_tokens
+                                   if args.decode_tokens else None),
+            "kv_bytes_after_decode": info[label].get("kv_bytes"),
             "method_s": None if method is None else statistics.median(method_s[label]),
             "method_share": None if method is None else statistics.median(method_s[label]) / med,
             "cost": c.as_dict(),

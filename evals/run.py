@@ -47,10 +47,15 @@ class Config:
     method: str | None                   # None: the unpruned model
     keep: int | float | None  # a token count, a share (keep_ratio), or None
     kwargs: tuple = ()
+    label: str | None = None  # a variant's name, e.g. "mustdrop[preset=64]"; default: the method's name
+
+    @property
+    def name(self) -> str:
+        return "unpruned" if self.method is None else (self.label or self.method)
 
     @property
     def key(self) -> str:
-        return "unpruned" if self.method is None else f"{self.method}@{self.keep}"
+        return "unpruned" if self.method is None else f"{self.name}@{self.keep}"
 
 
 # ----------------------------------------------------------------------------------------------------- set-up
@@ -135,14 +140,38 @@ def parse_params(items: Sequence[str]) -> dict[str, dict]:
     return out
 
 
+def parse_variant(item: str) -> tuple[str, dict]:
+    """'mustdrop' -> ('mustdrop', {}); 'mustdrop[preset=64;decode=false]' -> ('mustdrop', {'preset': 64,
+    'decode': False}) (values read as JSON where they parse, else as strings)."""
+    if "[" not in item:
+        return item, {}
+    if not item.endswith("]"):
+        raise ValueError(f"method variant {item!r} must look like NAME[key=value;key=value], e.g. mustdrop[preset=64]")
+    name, body = item[:-1].split("[", 1)
+    out = {}
+    for part in filter(None, (p.strip() for p in body.split(";"))):
+        if "=" not in part:
+            raise ValueError(f"method variant {item!r}: {part!r} is not key=value")
+        k, v = part.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v.strip()
+    return name.strip(), out
+
+
 def build_grid(methods: Sequence[str], keeps: Sequence, n_visual: int, params: dict, seed: int) -> list[Config]:
     """The unpruned model, then every method (random and pool first, always present) at every budget below
-    ``n_visual``. Unknown methods and budgets above ``n_visual`` raise ``ValueError``."""
+    ``n_visual``. A method may be a variant, ``NAME[key=value;...]``, with its own hyperparameters (``keep=null``
+    runs a method at its own default budget, e.g. MustDrop's presets). Unknown methods and budgets above
+    ``n_visual`` raise ``ValueError``."""
     from vlprune import list_methods
     from vlprune.cli import method_kwargs
 
     known = list_methods()
-    for m in methods:
+    variants = {m: parse_variant(m) for m in methods}
+    methods = [m for m in methods]
+    for m in [v[0] for v in variants.values()]:
         if m not in known:
             import difflib
 
@@ -150,7 +179,7 @@ def build_grid(methods: Sequence[str], keeps: Sequence, n_visual: int, params: d
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"unknown method {m!r}{hint} Registered methods: {', '.join(known)}")
     for m in params:
-        if m not in methods and m not in BASELINES:
+        if m not in [v[0] for v in variants.values()] and m not in BASELINES:
             raise ValueError(f"--param names method {m!r}, which is not in --methods ({', '.join(methods)})")
     for k in keeps:
         if isinstance(k, int) and k > n_visual:
@@ -158,7 +187,8 @@ def build_grid(methods: Sequence[str], keeps: Sequence, n_visual: int, params: d
                              f"use budgets of at most {n_visual}")
     order = list(BASELINES) + [m for m in methods if m not in BASELINES]
     grid = [Config(None, None)]
-    for m in order:
+    for item in order:
+        m, extra = variants.get(item, (item, {}))
         for k in keeps:
             if (k >= n_visual) if isinstance(k, int) else (k >= 1.0):
                 continue
@@ -169,7 +199,11 @@ def build_grid(methods: Sequence[str], keeps: Sequence, n_visual: int, params: d
             if m == "random":
                 kw["seed"] = seed
             kw.update(params.get(m, {}))
-            grid.append(Config(m, k, tuple(sorted(kw.items()))))
+            kw.update(extra)
+            kw = {key: v for key, v in kw.items() if v is not None or key not in ("keep", "keep_ratio")}
+            cfg = Config(m, k, tuple(sorted(kw.items())), label=item if extra else None)
+            if cfg.key not in {c.key for c in grid}:
+                grid.append(cfg)
     return grid
 
 
@@ -374,7 +408,7 @@ def summarize(bench: Benchmark, grid: list[Config], records: list[dict], timing:
             fam.setdefault(r["family"], []).append(r["correct"])
             cat.setdefault(r["category"], []).append(r["correct"])
         pct = lambda xs: 100.0 * sum(xs) / len(xs)  # noqa: E731
-        row = dict(config=cfg.key, method=cfg.method or "unpruned", keep=cfg.keep, params=dict(cfg.kwargs), n=n,
+        row = dict(config=cfg.key, method=cfg.name, keep=cfg.keep, params=dict(cfg.kwargs), n=n,
                    accuracy=pct([r["correct"] for r in recs]),
                    families={k: pct(v) for k, v in sorted(fam.items())},
                    categories={k: pct(v) for k, v in sorted(cat.items())},

@@ -129,6 +129,38 @@ def _summary(raw: dict) -> list[tuple]:
 SEQUENTIAL: dict = {}
 
 
+def test_hyperparameter_widgets_follow_the_registry():
+    """Every registered method gets its widgets from its dataclass fields; at their defaults they send no overrides
+    and, with the request's budget, build the method. Bad values are refused with the value named."""
+    import vlprune
+    from vlprune_app.params import changed_values, method_kwargs, method_specs, parse_budget, parse_overrides
+
+    specs = method_specs()
+    assert list(specs) == vlprune.list_methods()
+    for name, spec in specs.items():
+        assert changed_values(spec, [p.widget_value() for p in spec.params]) == {}, name
+        vlprune.get_method(name, **method_kwargs(name, spec, parse_budget(64), {}))
+    assert parse_budget(64) == {"keep": 64} and parse_budget("0.25") == {"keep_ratio": 0.25}
+    with pytest.raises(ValueError, match=r"budget must be > 0.*-1"):
+        parse_budget(-1)
+    fastv = specs["fastv"]
+    assert method_kwargs("fastv", fastv, {"keep": 64}, parse_overrides('{"fastv": {"k": "3"}}', specs)) == \
+        {"keep": 64, "k": 3}
+    assert method_kwargs("fastv", fastv, {"keep": 64}, {"fastv": {"keep_ratio": 0.5}}) == {"keep_ratio": 0.5}
+    with pytest.raises(ValueError, match=r"fastv: k='x' is not a valid int"):
+        parse_overrides({"fastv": {"k": "x"}}, specs)
+    with pytest.raises(ValueError, match=r"unknown method 'fastvv'; registered: "):
+        parse_overrides({"fastvv": {}}, specs)
+
+
+def test_cli_refuses_a_missing_model_with_a_clear_message(tmp_path):
+    missing = tmp_path / "no-such-model"
+    r = subprocess.run([sys.executable, str(ROOT / "app.py"), "--model", str(missing)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert f"--model {str(missing)!r}" in r.stderr and "proxy-next" in r.stderr, r.stderr[-2000:]
+
+
 def test_registry_methods_offered(server):
     """The /run endpoint offers every method registered in this process (the list is built from the registry)."""
     import vlprune

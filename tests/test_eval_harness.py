@@ -245,3 +245,18 @@ def test_share_budgets_build_keep_ratio_configs():
     assert by["fastv@0.1"] == {"keep_ratio": 0.1, "k": 2}
     assert "hired@1.0" not in by and "hired@576" not in by  # the unpruned point is the unpruned row
     assert [budget_label(k) for k in (None, 64, 0.25)] == ["all", "64", "25%"]
+
+
+def test_method_variants_in_one_grid():
+    from evals.run import build_grid, parse_variant
+
+    assert parse_variant("mustdrop[preset=64;decode=false]") == ("mustdrop", {"preset": 64, "decode": False})
+    with pytest.raises(ValueError, match="NAME\\[key=value"):
+        parse_variant("mustdrop[preset=64")
+    grid = build_grid(["mustdrop[keep=null;preset=64]", "todre[stage2=false]", "todre"], [64], 576, {}, 0)
+    by = {c.key: dict(c.kwargs) for c in grid}
+    assert by["mustdrop[keep=null;preset=64]@64"] == {"preset": 64}  # runs at its preset, no budget
+    assert by["todre[stage2=false]@64"] == {"keep": 64, "stage2": False}
+    assert by["todre@64"] == {"keep": 64}
+    with pytest.raises(ValueError, match="unknown method 'mustdropp'"):
+        build_grid(["mustdropp[preset=64]"], [64], 576, {}, 0)

@@ -62,11 +62,21 @@ class Param:
                 f"{' (or empty for None)' if self.optional else ''}; the default is {self.default!r}"
             ) from None
 
+    @property
+    def widget(self) -> str:
+        """"checkbox", "number" or "text": numbers that may be None are text (empty = None), since a number field
+        cannot show None."""
+        if self.kind == "bool":
+            return "checkbox"
+        if self.kind in ("int", "float") and not self.optional:
+            return "number"
+        return "text"
+
     def widget_value(self):
-        """The default as a widget shows it (tuples as comma-separated text)."""
+        """The default as its widget shows it (tuples as comma-separated text, None as empty text)."""
         if self.kind == "tuple":
             return "" if self.default is None else ", ".join(str(v) for v in self.default)
-        if self.kind == "str":
+        if self.widget == "text":
             return "" if self.default is None else str(self.default)
         return self.default
 

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import PIL.Image
 
 from .engine import Session
@@ -58,13 +59,16 @@ class SafeImage(gr.Image):
     """``gr.Image`` whose preprocessing turns unreadable, oversized or too large images into a clear message.
 
     Gradio decodes uploads before the event handler runs, and without this a broken file ends the request with a
-    generic error. ``is_template`` makes Gradio render and describe it as its parent, the ordinary Image."""
+    generic error. ``is_template`` makes Gradio render and describe it as its parent, the ordinary Image; the
+    constructor is gr.Image's own (Gradio builds the frontend config from its signature), so the limits are set
+    after construction with ``with_limits``."""
 
     is_template = True
+    _limits: Limits = Limits()
 
-    def __init__(self, *args, limits: Limits, **kwargs):
-        self.limits = limits
-        super().__init__(*args, **kwargs)
+    def with_limits(self, limits: Limits) -> "SafeImage":
+        self._limits = limits
+        return self
 
     def preprocess(self, payload):
         if payload is None:
@@ -73,9 +77,9 @@ class SafeImage(gr.Image):
         name = getattr(payload, "orig_name", None) or (Path(path).name if path else "the upload")
         if path and os.path.exists(path):
             size = os.path.getsize(path)
-            if size > self.limits.max_bytes:
+            if size > self._limits.max_bytes:
                 raise gr.Error(f"{name} is {size / 2 ** 20:.1f} MiB; this demo accepts files up to "
-                               f"{self.limits.max_bytes / 2 ** 20:.1f} MiB. Compress or downscale it.",
+                               f"{self._limits.max_bytes / 2 ** 20:.1f} MiB. Compress or downscale it.",
                                title="File too large")
         try:
             img = super().preprocess(payload)
@@ -83,14 +87,14 @@ class SafeImage(gr.Image):
             raise
         except PIL.Image.DecompressionBombError as e:
             raise gr.Error(f"{name} has too many pixels ({e}); this demo accepts at most "
-                           f"{self.limits.max_pixels / 1e6:.1f} megapixels. Downscale it.",
+                           f"{self._limits.max_pixels / 1e6:.1f} megapixels. Downscale it.",
                            title="Image too large") from None
         except Exception as e:  # malformed, truncated or not an image at all
             reason = str(e).split("\n")[0].replace(str(path), name) if path else str(e).split("\n")[0]
             raise gr.Error(f"Could not read {name} as an image ({type(e).__name__}: {reason[:160]}). Upload a PNG, "
                            f"JPEG, WebP, BMP or GIF file.", title="Unreadable image") from None
         if img is not None:
-            self.limits.check(img)
+            self._limits.check(img)
         return img
 
 
@@ -139,7 +143,7 @@ def _title(r) -> str:
     return f"{r.name} {b}{extra}".strip()
 
 
-def render_outputs(session: Session, comp, limits_display: int = 448):
+def render_outputs(session: Session, comp, display: int = 448):
     import pandas as pd
 
     base = comp.rows[0]
@@ -148,7 +152,7 @@ def render_outputs(session: Session, comp, limits_display: int = 448):
         if r.error:
             answers.append(f"{r.name}: ERROR {r.error}")
             pic = overlay(comp.image, comp.layout, session.model.config, session.processor.image_processor,
-                          __import__("numpy").zeros(comp.visual_tokens, dtype="float32"), None, limits_display)
+                          np.zeros(comp.visual_tokens, dtype=np.float32), None, display)
             cards.append((card(_title(r), [f"error: {r.error[:70]}"], pic, [], comp.visual_tokens, error=r.error),
                           f"{r.name}: error"))
             table.append([r.name, f"ERROR: {r.error}", "-", "-", "-", "-", "-", "-", "-", "-", r.label])
@@ -156,7 +160,7 @@ def render_outputs(session: Session, comp, limits_display: int = 448):
         answers.append(f"{r.name}: {r.answer}")
         ratio = (r.tflops_prefill / base.tflops_prefill) if r.tflops_prefill and base.tflops_prefill else None
         pic = overlay(comp.image, comp.layout, session.model.config, session.processor.image_processor, r.depth,
-                      r.merged_into, limits_display)
+                      r.merged_into, display)
         kept_txt = f"{r.kept}/{r.visual_tokens}"
         if r.kept_before_llm != r.kept and r.name != "unpruned":
             kept_txt += f" ({r.kept_before_llm} enter the decoder)"
@@ -186,6 +190,12 @@ def render_outputs(session: Session, comp, limits_display: int = 448):
               + (f" **{n_err} method(s) failed**: see the table." if n_err else ""))
     return "\n".join(answers), cards, table, df, raw, status
 
+
+# Gallery thumbnails are square by default; the result cards are taller (or, for AnyRes, wider): show them whole.
+CSS = """
+#gallery .thumbnail-item { aspect-ratio: auto !important; height: auto !important; }
+#gallery .thumbnail-item > img { height: auto !important; }
+"""
 
 TABLE_HEADERS = ["method", "answer", "kept / visual", "equiv. tokens", "TFLOPs prefill", "TFLOPs generate",
                  "x unpruned FLOPs", "prefill ms", "e2e ms", "method ms", "hyperparameters"]
@@ -273,23 +283,24 @@ def build_demo(session: Session, results_dir=None, limits: Limits | None = None)
             with gr.Row():
                 with gr.Column(scale=1):
                     image = SafeImage(label="Image", type="pil", image_mode="RGB", sources=["upload", "clipboard"],
-                                      elem_id="image-in", height=320, limits=limits)
+                                      elem_id="image-in", height=320).with_limits(limits)
                     question = gr.Textbox(label="Question", elem_id="question", lines=1, max_lines=3,
                                           placeholder="e.g. is there a red circle in the image ?")
                     expected = gr.Textbox(label="Expected answer (example scenes)", elem_id="expected",
                                           interactive=False)
                     gr.Markdown(f"Uploads: at most {limits.describe()}.")
+                    rows = example_rows(session)
+                    if rows:
+                        gr.Examples(examples=rows, inputs=[image, question, expected],
+                                    label="Examples: proxy-benchmark scenes and CC0 photos", examples_per_page=5)
                 with gr.Column(scale=1):
                     methods = gr.CheckboxGroup(names, value=defaults, label="Methods", elem_id="methods",
                                                info="Every registered method; each runs beside the unpruned model.")
                     budget = gr.Number(value=64, label="Budget: visual tokens to keep (or a share below 1, e.g. 0.25)",
                                        elem_id="budget")
                     run_btn = gr.Button("Compare", variant="primary", elem_id="run-btn")
+                    answers = gr.Textbox(label="Answers", elem_id="answers", lines=4, interactive=False)
                     status = gr.Markdown(elem_id="status")
-            rows = example_rows(session)
-            if rows:
-                gr.Examples(examples=rows, inputs=[image, question, expected],
-                            label="Examples: proxy-benchmark scenes and CC0 photos", examples_per_page=9)
             with gr.Accordion("Advanced: method hyperparameters (defaults from each method's paper)", open=False,
                               elem_id="advanced"):
                 with gr.Row():
@@ -309,21 +320,24 @@ def build_demo(session: Session, results_dir=None, limits: Limits | None = None)
                             for p in spec.params:
                                 label = f"{p.name} ({p.type_text})"
                                 eid = f"hp-{name}-{p.name}"
-                                if p.kind == "bool":
+                                if p.widget == "checkbox":
                                     w = gr.Checkbox(value=bool(p.default), label=label, elem_id=eid)
-                                elif p.kind in ("int", "float"):
+                                elif p.widget == "number":
                                     w = gr.Number(value=p.default, label=label, elem_id=eid,
                                                   precision=0 if p.kind == "int" else None)
                                 else:
-                                    w = gr.Textbox(value=p.widget_value(), label=label, elem_id=eid)
+                                    w = gr.Textbox(value=p.widget_value(), label=label, elem_id=eid,
+                                                   placeholder="None" if p.optional else None)
                                 widgets.append(w)
                 params_json = gr.Textbox(label="Hyperparameters sent with the request (changed from the defaults)",
                                          value="{}", elem_id="params-json", interactive=False)
-            answers = gr.Textbox(label="Answers", elem_id="answers", lines=3, interactive=False)
-            gallery = gr.Gallery(label="Kept tokens on the image the model saw (bright: reached the last decoder "
-                                       "layer, green border; dimmed by how early a token was dropped; merged regions "
-                                       "tinted)", elem_id="gallery", columns=3, height="auto", object_fit="contain",
-                                 format="png")
+            gr.Markdown("**Kept tokens on the image the model saw**: bright with a green border, the tokens that "
+                        "reached the last decoder layer; the others dimmed by how early they were dropped (dark: "
+                        "before the decoder); merging methods tint each merged region in its own colour. Under each "
+                        "image: the answer, tokens kept, TFLOPs, times and the visual tokens entering each decoder "
+                        "layer. Click a card to enlarge it.")
+            gallery = gr.Gallery(label="Kept tokens", show_label=False, elem_id="gallery", columns=4, height="auto",
+                                 object_fit="contain", format="png")
             table = gr.Dataframe(headers=TABLE_HEADERS, label="Answers, kept tokens, cost and time per method",
                                  elem_id="results", interactive=False, wrap=True)
             plot = gr.LinePlot(x="layer", y="visual tokens", color="method", label="Visual tokens per decoder layer",
@@ -369,4 +383,4 @@ def build_demo(session: Session, results_dir=None, limits: Limits | None = None)
 def launch_kwargs(limits: Limits, port: int | None = None, host: str = "127.0.0.1") -> dict:
     """The launch settings of spec/gradio.md: local address, upload limit, no monitoring, no share."""
     return dict(server_name=host, server_port=port, max_file_size=limits.max_bytes, show_error=False,
-                enable_monitoring=False, allowed_paths=[], share=False, footer_links=["gradio"])
+                enable_monitoring=False, allowed_paths=[], share=False, footer_links=["gradio"], css=CSS)

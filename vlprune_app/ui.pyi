@@ -59,13 +59,16 @@ class SafeImage(gr.Image):
     """``gr.Image`` whose preprocessing turns unreadable, oversized or too large images into a clear message.
 
     Gradio decodes uploads before the event handler runs, and without this a broken file ends the request with a
-    generic error. ``is_template`` makes Gradio render and describe it as its parent, the ordinary Image."""
+    generic error. ``is_template`` makes Gradio render and describe it as its parent, the ordinary Image; the
+    constructor is gr.Image's own (Gradio builds the frontend config from its signature), so the limits are set
+    after construction with ``with_limits``."""
 
     is_template = True
+    _limits: Limits = Limits()
 
-    def __init__(self, *args, limits: Limits, **kwargs):
-        self.limits = limits
-        super().__init__(*args, **kwargs)
+    def with_limits(self, limits: Limits) -> "SafeImage":
+        self._limits = limits
+        return self
 
     def preprocess(self, payload):
         if payload is None:
@@ -74,9 +77,9 @@ class SafeImage(gr.Image):
         name = getattr(payload, "orig_name", None) or (Path(path).name if path else "the upload")
         if path and os.path.exists(path):
             size = os.path.getsize(path)
-            if size > self.limits.max_bytes:
+            if size > self._limits.max_bytes:
                 raise gr.Error(f"{name} is {size / 2 ** 20:.1f} MiB; this demo accepts files up to "
-                               f"{self.limits.max_bytes / 2 ** 20:.1f} MiB. Compress or downscale it.",
+                               f"{self._limits.max_bytes / 2 ** 20:.1f} MiB. Compress or downscale it.",
                                title="File too large")
         try:
             img = super().preprocess(payload)
@@ -84,14 +87,14 @@ class SafeImage(gr.Image):
             raise
         except PIL.Image.DecompressionBombError as e:
             raise gr.Error(f"{name} has too many pixels ({e}); this demo accepts at most "
-                           f"{self.limits.max_pixels / 1e6:.1f} megapixels. Downscale it.",
+                           f"{self._limits.max_pixels / 1e6:.1f} megapixels. Downscale it.",
                            title="Image too large") from None
         except Exception as e:  # malformed, truncated or not an image at all
             reason = str(e).split("\n")[0].replace(str(path), name) if path else str(e).split("\n")[0]
             raise gr.Error(f"Could not read {name} as an image ({type(e).__name__}: {reason[:160]}). Upload a PNG, "
                            f"JPEG, WebP, BMP or GIF file.", title="Unreadable image") from None
         if img is not None:
-            self.limits.check(img)
+            self._limits.check(img)
         return img
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
