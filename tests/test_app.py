@@ -310,7 +310,7 @@ def _chromium():
     return None
 
 
-def test_browser_click_runs_a_comparison(server, scenes):
+def test_browser_click_runs_a_comparison(request, scenes):
     """Headless Chromium: load the page, upload a scene, type the question, click Compare, wait for the answers,
     save a screenshot to docs/demo.png."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
@@ -323,6 +323,7 @@ def test_browser_click_runs_a_comparison(server, scenes):
     if browser is None or driver_path is None:
         pytest.skip(f"headless browser test needs Debian's chromium and chromium-driver (apt-get install chromium "
                     f"chromium-driver); found chromium={browser}, chromedriver={driver_path}")
+    server = request.getfixturevalue("server")  # only once the browser is known to exist
     opts = webdriver.ChromeOptions()
     opts.binary_location = browser
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,2200",

@@ -55,47 +55,45 @@ class Limits:
             raise gr.Error(f"The image is {w}x{h} px; give an image of at least 2x2 px.", title="Image too small")
 
 
-class SafeImage(gr.Image):
-    """``gr.Image`` whose preprocessing turns unreadable, oversized or too large images into a clear message.
+def guarded_image(limits: Limits, **kwargs) -> gr.Image:
+    """A ``gr.Image`` whose preprocessing turns unreadable, oversized or too large images into a clear message.
 
     Gradio decodes uploads before the event handler runs, and without this a broken file ends the request with a
-    generic error. ``is_template`` makes Gradio render and describe it as its parent, the ordinary Image; the
-    constructor is gr.Image's own (Gradio builds the frontend config from its signature), so the limits are set
-    after construction with ``with_limits``."""
+    generic error. The guard wraps this one instance's ``preprocess`` (a subclass would make Gradio write a .pyi
+    stub next to this module and render it as an unknown component)."""
+    image = gr.Image(**kwargs)
+    decode = image.preprocess
 
-    is_template = True
-    _limits: Limits = Limits()
-
-    def with_limits(self, limits: Limits) -> "SafeImage":
-        self._limits = limits
-        return self
-
-    def preprocess(self, payload):
+    def preprocess(payload):
         if payload is None:
             return None
         path = getattr(payload, "path", None)
         name = getattr(payload, "orig_name", None) or (Path(path).name if path else "the upload")
         if path and os.path.exists(path):
             size = os.path.getsize(path)
-            if size > self._limits.max_bytes:
+            if size > limits.max_bytes:
                 raise gr.Error(f"{name} is {size / 2 ** 20:.1f} MiB; this demo accepts files up to "
-                               f"{self._limits.max_bytes / 2 ** 20:.1f} MiB. Compress or downscale it.",
+                               f"{limits.max_bytes / 2 ** 20:.1f} MiB. Compress or downscale it.",
                                title="File too large")
         try:
-            img = super().preprocess(payload)
+            img = decode(payload)
         except gr.Error:
             raise
         except PIL.Image.DecompressionBombError as e:
             raise gr.Error(f"{name} has too many pixels ({e}); this demo accepts at most "
-                           f"{self._limits.max_pixels / 1e6:.1f} megapixels. Downscale it.",
-                           title="Image too large") from None
+                           f"{limits.max_pixels / 1e6:.1f} megapixels. Downscale it.", title="Image too large") from None
         except Exception as e:  # malformed, truncated or not an image at all
-            reason = str(e).split("\n")[0].replace(str(path), name) if path else str(e).split("\n")[0]
+            reason = str(e).split("\n")[0]
+            if path:
+                reason = reason.replace(str(path), name)
             raise gr.Error(f"Could not read {name} as an image ({type(e).__name__}: {reason[:160]}). Upload a PNG, "
                            f"JPEG, WebP, BMP or GIF file.", title="Unreadable image") from None
         if img is not None:
-            self._limits.check(img)
+            limits.check(img)
         return img
+
+    image.preprocess = preprocess
+    return image
 
 
 # ------------------------------------------------------------------------------------------------------ examples
@@ -282,8 +280,8 @@ def build_demo(session: Session, results_dir=None, limits: Limits | None = None)
         with gr.Tab("Compare", id="compare"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    image = SafeImage(label="Image", type="pil", image_mode="RGB", sources=["upload", "clipboard"],
-                                      elem_id="image-in", height=320).with_limits(limits)
+                    image = guarded_image(limits, label="Image", type="pil", image_mode="RGB",
+                                          sources=["upload", "clipboard"], elem_id="image-in", height=320)
                     question = gr.Textbox(label="Question", elem_id="question", lines=1, max_lines=3,
                                           placeholder="e.g. is there a red circle in the image ?")
                     expected = gr.Textbox(label="Expected answer (example scenes)", elem_id="expected",
