@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-PROXY_SPECS = {"proxy": "llava", "proxy-next": "next"}
+PROXY_SPECS = {"proxy": "llava", "proxy-next": "next", "proxy-mqt": "mqt"}
 
 
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):

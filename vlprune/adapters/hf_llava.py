@@ -116,8 +116,10 @@ class HFLlavaAdapter:
         if not self.anyres and n_proj is not None and n_proj != self.side * self.side:
             # a learned projector (MQT) emits its own number of tokens, with no patch grid behind them
             kind = torch.full((n_proj,), TOKEN_PATCH)
+            g = int(round(n_proj ** 0.5))
+            grid = (g, g) if g * g == n_proj else (-1, -1)  # MQT's queries sit on a square grid of positions
             lay = ImageLayout(kind=kind, crop=torch.zeros_like(kind), vit_index=torch.full((n_proj,), -1),
-                              partitions=[Partition("queries", torch.arange(n_proj), (-1, -1))], n_crops=1)
+                              partitions=[Partition("queries", torch.arange(n_proj), grid)], n_crops=1)
             return [lay] * n_images
         if not self.anyres:
             s = self.side
