@@ -40,8 +40,8 @@ def _positive_int(text: str) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="proxy",
-                    help="'proxy' (default: the shipped LLaVA-1.5-geometry proxy), 'proxy-next' (AnyRes proxy), a "
-                         "local folder or a hub id of a transformers LLaVA / LLaVA-NeXT model")
+                    help="'proxy' (default: the shipped LLaVA-1.5-geometry proxy), 'proxy-next' (AnyRes proxy), "
+                         "'proxy-mqt' (the proxy with an MQT projector), a local folder or a hub id of a transformers LLaVA / LLaVA-NeXT model")
     ap.add_argument("--port", type=_positive_int, default=None,
                     help="port (default: $GRADIO_SERVER_PORT or the first free one from 7860)")
     ap.add_argument("--host", default="127.0.0.1",

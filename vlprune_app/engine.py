@@ -129,7 +129,8 @@ class Session:
     @property
     def description(self) -> str:
         kind = "LLaVA-NeXT (AnyRes)" if self.anyres else "LLaVA-1.5"
-        name = {"proxy": "the shipped proxy LVLM", "proxy-next": "the shipped proxy LVLM (AnyRes)"}.get(self.spec, self.spec)
+        name = {"proxy": "the shipped proxy LVLM", "proxy-next": "the shipped proxy LVLM (AnyRes)",
+                "proxy-mqt": "the shipped proxy LVLM with an MQT projector"}.get(self.spec, self.spec)
         return f"{name}: transformers {type(self.model).__name__}, {kind} geometry, {self.n_layers} decoder layers, {self.device}"
 
     def warm_up(self) -> None:

@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr2", type=float, default=2e-4)
     ap.add_argument("--queries", type=int, default=256, help="M, the number of queries (a square)")
     ap.add_argument("--heads", type=int, default=3, help="attention heads (head width 64 on the proxy's 192)")
+    ap.add_argument("--keys", default="position", choices=["position", "features"],
+                    help="MQT key mode: 'position' (the released code) or 'features' (image features + position)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0)
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
     model.float()
     vcfg, tcfg = model.config.vision_config, model.config.text_config
     torch.manual_seed(args.seed)
-    mqt = MQTProjector(vcfg.hidden_size, tcfg.hidden_size, n_queries=args.queries, n_heads=args.heads)
+    mqt = MQTProjector(vcfg.hidden_size, tcfg.hidden_size, n_queries=args.queries, n_heads=args.heads, keys=args.keys)
     mlp = model.model.multi_modal_projector
     host = MQTHost(mqt, args.queries)
     model.model.multi_modal_projector = host
