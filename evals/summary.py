@@ -13,7 +13,9 @@ from pathlib import Path
 from .run import budget_label, plot
 
 
-def load_rows(folder: Path, unpruned_label: str | None = None) -> tuple[list[dict], dict]:
+def load_rows(folder: Path, suffix: str | None = None) -> tuple[list[dict], dict]:
+    """The rows of one run; with ``suffix`` every method name gets it (" (model)"), so that runs on different
+    models stay separate series."""
     path = folder / "results.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run `vlprune eval --out {folder}` first")
@@ -21,8 +23,8 @@ def load_rows(folder: Path, unpruned_label: str | None = None) -> tuple[list[dic
     rows = data["results"]
     for r in rows:
         r["run"] = folder.name
-        if r["method"] == "unpruned" and unpruned_label:
-            r["method"] = unpruned_label
+        if suffix:
+            r["method"] = r["method"] + suffix
     return rows, data.get("meta", {})
 
 
@@ -44,12 +46,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rows = []
     try:
+        models = [meta_model(Path(f)) for f in args.runs]
         for i, folder in enumerate(args.runs):
-            f = Path(folder)
-            got, meta = load_rows(f, unpruned_label=None if i == 0 else f"unpruned ({meta_model(f)})")
-            if i > 0:
-                got = [r for r in got if not r["method"].startswith("unpruned")] + \
-                      [r for r in got if r["method"].startswith("unpruned")]
+            # rows of a run on another model than the first run's are told apart by the model's name
+            suffix = None if models[i] == models[0] else f" ({models[i]})"
+            got, _ = load_rows(Path(folder), suffix)
             rows.extend(got)
     except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
         print(f"python -m evals.summary: error: {e}", file=sys.stderr)

@@ -260,3 +260,23 @@ def test_method_variants_in_one_grid():
     assert by["todre@64"] == {"keep": 64}
     with pytest.raises(ValueError, match="unknown method 'mustdropp'"):
         build_grid(["mustdropp[preset=64]"], [64], 576, {}, 0)
+
+
+def test_summary_merges_runs_of_two_models(tmp_path):
+    from evals.summary import main as summary_main
+
+    def run(folder, model, rows):
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"meta": {"model": model}, "results": rows}))
+
+    row = lambda m, k, acc, tf: {"method": m, "keep": k, "accuracy": acc, "agreement": 100.0,  # noqa: E731
+                                "equivalent_tokens": 8.0, "tflops_prefill": tf}
+    run(tmp_path / "a", "proxy", [row("unpruned", None, 50.0, 0.014), row("pool", 64, 40.0, 0.006)])
+    run(tmp_path / "b", "proxy-mqt", [row("unpruned", None, 34.0, 0.009), row("mqt", 16, 32.0, 0.005)])
+    out = tmp_path / "sum"
+    assert summary_main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    md = (out / "summary.md").read_text()
+    assert "| a | pool | 64 | 40.0 |" in md and "| b | mqt (proxy-mqt) | 16 | 32.0 |" in md
+    assert "| b | unpruned (proxy-mqt) | all | 34.0 |" in md
+    assert (out / "accuracy_vs_tflops.png").stat().st_size > 0
+    assert summary_main([str(tmp_path / "missing"), "--out", str(out)]) == 2
