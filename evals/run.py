@@ -34,7 +34,7 @@ import torch
 
 from .benchmarks import Benchmark, Item, load_benchmark
 
-__all__ = ["main", "run", "parse_args", "build_grid", "Config"]
+__all__ = ["main", "run", "parse_args", "build_grid", "Config", "load_model", "build_prompt"]
 
 BASELINES = ("random", "pool")
 DEFAULT_METHODS = "random,pool,cls_attn,fastv"
@@ -227,21 +227,27 @@ def load_model(spec: str, dtype: torch.dtype, device):
 
 
 # ----------------------------------------------------------------------------------------------------- running
+def build_prompt(processor, question: str, proxy: bool) -> str:
+    """The prompt the harness sends for one image and ``question``: the proxy's own template, else the processor's
+    chat template with one image, else LLaVA-1.5's plain ``USER: <image>`` form. The lmms-eval plugin uses it too,
+    so that both runners ask the same thing."""
+    if proxy:
+        from .proxy.model import prompt
+
+        return prompt(question)
+    if getattr(processor, "chat_template", None):
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(conv, add_generation_prompt=True)
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
 class _Prompter:
     def __init__(self, processor, bench: Benchmark, proxy: bool, suffix: str | None):
         self.processor, self.bench, self.proxy = processor, bench, proxy
         self.suffix = ("" if proxy else (POPE_SUFFIX if bench.kind == "pope" else "")) if suffix is None else suffix
 
     def text(self, item: Item) -> str:
-        q = item.question + self.suffix
-        if self.proxy:
-            from .proxy.model import prompt
-
-            return prompt(q)
-        if getattr(self.processor, "chat_template", None):
-            conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
-            return self.processor.apply_chat_template(conv, add_generation_prompt=True)
-        return f"USER: <image>\n{q} ASSISTANT:"
+        return build_prompt(self.processor, item.question + self.suffix, self.proxy)
 
     def inputs(self, items: Sequence[Item], device):
         tok = self.processor.tokenizer
@@ -324,7 +330,7 @@ def _measure(model, prompter, items, cfg, max_new_tokens, device) -> dict:
     tok = prompter.processor.tokenizer
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    pre, e2e, tfl_pre, tfl_gen, vis, eq = [], [], [], [], [], []
+    pre, e2e, tfl_pre, tfl_gen, vis, eq, kv = [], [], [], [], [], [], []
 
     def one_pass(timed: bool, read: bool) -> None:
         with torch.inference_mode():
@@ -342,7 +348,10 @@ def _measure(model, prompter, items, cfg, max_new_tokens, device) -> dict:
                 _generate(model, inputs, max_new_tokens, tok.pad_token_id)
                 sync(); t3 = time.perf_counter()
                 if read:
-                    tfl_gen.append(vlprune.stats(model)["cost"].tflops)
+                    cost = vlprune.stats(model)["cost"]
+                    tfl_gen.append(cost.tflops)
+                    if cost.kv_bytes is not None:
+                        kv.append(cost.kv_bytes)
                 if timed and (j > 0 or len(items) == 1):        # the first sample warms up
                     pre.append(t1 - t0)
                     e2e.append(t3 - t2)
@@ -365,6 +374,7 @@ def _measure(model, prompter, items, cfg, max_new_tokens, device) -> dict:
     return dict(config=cfg.key, prefill_s=statistics.median(pre), e2e_s=statistics.median(e2e),
                 tflops_prefill=statistics.fmean(tfl_pre), tflops_generate=statistics.fmean(tfl_gen),
                 visual_per_layer=layers, equivalent_tokens=statistics.fmean(eq),
+                kv_cache_kib=statistics.fmean(kv) / 1024 if kv else None,
                 peak_memory_mib=peak, peak_memory_kind="cuda allocated" if cuda else "process RSS",
                 latency_samples=len(pre))
 
@@ -424,7 +434,7 @@ def summarize(bench: Benchmark, grid: list[Config], records: list[dict], timing:
 def markdown(rows: list[dict], meta: dict) -> str:
     fams = sorted({f for r in rows for f in r["families"]}) if any(len(r["families"]) > 1 for r in rows) else []
     head = ["method", "keep", "accuracy", "agree", "equiv. tokens", "TFLOPs prefill", "prefill ms", "e2e ms",
-            "peak MiB"] + fams
+            "KV KiB", "peak MiB"] + fams
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"], budget_label(r["keep"]), f"{r['accuracy']:.1f}",
@@ -433,13 +443,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
                  f"{r['tflops_prefill']:.4f}" if "tflops_prefill" in r else "-",
                  f"{1000 * r['prefill_s']:.1f}" if "prefill_s" in r else "-",
                  f"{1000 * r['e2e_s']:.1f}" if "e2e_s" in r else "-",
+                 f"{r['kv_cache_kib']:.0f}" if r.get("kv_cache_kib") is not None else "-",
                  f"{r['peak_memory_mib']:.0f}" if "peak_memory_mib" in r else "-"]
         cells += [f"{r['families'].get(f, float('nan')):.1f}" for f in fams]
         lines.append("| " + " | ".join(cells) + " |")
     label = "proxy figures: " if meta.get("proxy") else ""
     note = (f"\n{label}model `{meta['model']}`, benchmark `{meta['benchmark']}`, {meta['n']} samples, seed "
             f"{meta['seed']}; accuracy and agreement with the unpruned answers in %; latency is the batch-1 median "
-            f"on {meta['device']} ({meta['processes']} process(es)).\n")
+            f"on {meta['device']} ({meta['processes']} process(es)); KV KiB: the KV cache after generating, mean "
+            f"per sample (cost model, the cache's dtype).\n")
     return "\n".join(lines) + "\n" + note
 
 

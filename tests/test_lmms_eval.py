@@ -1,0 +1,110 @@
+"""The lmms-eval model plugin, end to end: a real ``lmms-eval`` process evaluates the shipped proxy with a vlprune
+method on a local task written by ``vlprune_lmms_eval.export``, and must give the same answers and accuracy as
+vlprune's own harness on the same samples."""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("lmms_eval") is None,
+    reason="lmms-eval is not installed; install it as the README's lmms-eval section says "
+           "(pip install --no-deps lmms_eval==0.7.3 && pip install -e '.[lmms]'); .ci/run does")
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+           HF_DATASETS_CACHE="", TOKENIZERS_PARALLELISM="false")
+N = 8
+
+
+def _env(tmp: Path) -> dict:
+    env = dict(ENV)
+    env["HF_DATASETS_CACHE"] = str(tmp / "hf-datasets")
+    env["HF_HOME"] = str(tmp / "hf-home")
+    return env
+
+
+def _first_text(x):
+    """lmms-eval logs a response as a string, or as a (nested) list holding it."""
+    while not isinstance(x, str):
+        x = x[0]
+    return x
+
+
+def test_entry_point_registers_the_model():
+    from lmms_eval.models import get_model
+
+    from vlprune_lmms_eval.models.vlprune import VlpruneModel
+
+    assert get_model("vlprune") is VlpruneModel
+
+
+def test_bad_model_args_name_the_fix():
+    from vlprune_lmms_eval.models.vlprune import VlpruneModel
+
+    with pytest.raises(ValueError, match="hiredd"):
+        VlpruneModel(method="hiredd", keep_ratio=0.2)
+    with pytest.raises(ValueError, match="without method"):
+        VlpruneModel(keep=64)
+    with pytest.raises(ValueError, match="dtype"):
+        VlpruneModel(method="random", keep=8, dtype="float64")
+    with pytest.raises(ValueError, match="batch_size"):
+        VlpruneModel(method="random", keep=8, batch_size="auto")
+
+
+def test_export_writes_a_task_and_a_harness_benchmark(tmp_path):
+    from evals.benchmarks import load_benchmark
+    from vlprune_lmms_eval.export import export
+
+    data = export("proxy", tmp_path / "vlprune_proxy", n=3, seed=0)
+    folder = data.parent
+    assert (folder / "vlprune_proxy.yaml").read_text().startswith("task: vlprune_proxy\n")
+    assert (folder / "utils.py").is_file()
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    orig = load_benchmark("proxy", n=3, seed=0)
+    back = load_benchmark(str(data), n=None)
+    for r, a, b in zip(rows, orig.items, back.items):
+        assert (r["question"], r["answer"]) == (a.question, a.answer) == (b.question, b.answer)
+        assert a.image().tobytes() == b.image().tobytes()                 # PNG: the same pixels
+    with pytest.raises(ValueError, match="identifier"):
+        export("proxy", tmp_path / "bad-name", n=1)
+
+
+def test_lmms_eval_matches_the_harness(tmp_path):
+    from vlprune_lmms_eval.export import export
+
+    data = export("proxy", tmp_path / "vlprune_proxy", n=N, seed=0)
+    env = _env(tmp_path)
+    out = tmp_path / "lmms-out"
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "vlprune",
+           "--model_args", "pretrained=proxy,method=hired,keep_ratio=0.2",
+           "--tasks", "vlprune_proxy", "--include_path", str(data.parent), "--batch_size", "4",
+           "--output_path", str(out), "--log_samples"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    results = json.loads(Path(glob.glob(str(out / "**" / "*_results.json"), recursive=True)[0]).read_text())
+    lmms_acc = 100.0 * results["results"]["vlprune_proxy"]["exact_match,none"]
+    samples = [json.loads(line) for f in glob.glob(str(out / "**" / "*_samples_*.jsonl"), recursive=True)
+               for line in open(f)]
+    assert len(samples) == N
+    lmms_pred = {s["doc_id"]: _first_text(s["filtered_resps"]) for s in samples}
+
+    harness = tmp_path / "harness"
+    h = subprocess.run([sys.executable, "-m", "evals.run", "--model", "proxy", "--benchmark", str(data),
+                        "--n", str(N), "--methods", "hired", "--keep", "0.2", "--latency-samples", "1",
+                        "--out", str(harness), "--no-progress"], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert h.returncode == 0, h.stdout[-3000:] + h.stderr[-3000:]
+    rows = json.loads((harness / "results.json").read_text())["results"]
+    hired = [r for r in rows if r["method"] == "hired"]
+    assert len(hired) == 1
+    recs = [json.loads(line) for f in (harness / "records").glob("records.*.jsonl") for line in open(f)]
+    harness_pred = {r["index"]: r["prediction"] for r in recs if r["config"] == hired[0]["config"]}
+    assert harness_pred == lmms_pred                       # the same answer for every sample
+    assert lmms_acc == pytest.approx(hired[0]["accuracy"])
