@@ -210,7 +210,10 @@ class OutputAwareCache(Method):
     Composable with any method that prunes inside the decoder:
     ``vlprune.apply(model, [vlprune.get_method("fastv", keep=64), vlprune.methods.OutputAwareCache()])``.
     The paper describes the policy as output-aware; the released code does exactly this cut and no scoring with
-    generated tokens, which is what is implemented.
+    generated tokens, which is what is implemented. What "output-aware" adds beyond this cut in the paper's text
+    (for instance eviction driven by the generated tokens' attention) could not be confirmed and is not implemented.
+    One difference from the released code: it keeps the cut keys' RoPE positions of their own stage while decode
+    queries use compacted positions; here positions stay the original ones throughout.
     """
 
     name = "mustdrop_kv"
