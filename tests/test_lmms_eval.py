@@ -108,3 +108,15 @@ def test_lmms_eval_matches_the_harness(tmp_path):
     harness_pred = {r["index"]: r["prediction"] for r in recs if r["config"] == hired[0]["config"]}
     assert harness_pred == lmms_pred                       # the same answer for every sample
     assert lmms_acc == pytest.approx(hired[0]["accuracy"])
+
+    # two processes under accelerate: lmms-eval shards the samples, the merged answers are the same
+    out2 = tmp_path / "lmms-out-2"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd2 = launch + cmd[1:cmd.index("--output_path")] + ["--output_path", str(out2), "--log_samples"]
+    p2 = subprocess.run(cmd2, env=env, capture_output=True, text=True, timeout=900)
+    assert p2.returncode == 0, p2.stdout[-3000:] + p2.stderr[-3000:]
+    assert "4 samples" in p2.stdout + p2.stderr                # each process answered its half
+    samples2 = [json.loads(line) for f in glob.glob(str(out2 / "**" / "*_samples_*.jsonl"), recursive=True)
+                for line in open(f)]
+    assert {s["doc_id"]: _first_text(s["filtered_resps"]) for s in samples2} == lmms_pred

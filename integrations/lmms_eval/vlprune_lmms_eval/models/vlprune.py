@@ -60,7 +60,9 @@ class VlpruneModel(lmms):
 
         from accelerate import PartialState
 
-        state = PartialState()
+        # on a machine without CUDA, processes of `accelerate launch --multi_gpu` join a gloo group only when the
+        # state is told to run on the CPU (lmms-eval shards the requests by RANK / WORLD_SIZE itself)
+        state = PartialState(cpu=not torch.cuda.is_available())
         self._rank, self._world_size = state.process_index, state.num_processes
         if device is None:
             if torch.cuda.is_available():
