@@ -45,6 +45,19 @@ def test_entry_point_registers_the_model():
     assert get_model("vlprune") is VlpruneModel
 
 
+def test_legacy_plugin_variable_registers_the_model(monkeypatch):
+    """lmms-eval versions before entry points read LMMS_EVAL_PLUGINS=<package> and its models.AVAILABLE_MODELS."""
+    from lmms_eval.models import ModelRegistryV2, _merge_legacy_plugin_models
+
+    from vlprune_lmms_eval.models.vlprune import VlpruneModel
+
+    monkeypatch.setenv("LMMS_EVAL_PLUGINS", "vlprune_lmms_eval")
+    registry = ModelRegistryV2()
+    with pytest.warns(DeprecationWarning):
+        _merge_legacy_plugin_models(registry)
+    assert registry.get_model_class("vlprune") is VlpruneModel
+
+
 def test_bad_model_args_name_the_fix():
     from vlprune_lmms_eval.models.vlprune import VlpruneModel
 
