@@ -34,7 +34,7 @@ import torch
 
 from .benchmarks import Benchmark, Item, load_benchmark
 
-__all__ = ["main", "run", "parse_args", "build_grid", "Config", "load_model", "build_prompt"]
+__all__ = ["main", "run", "parse_args", "build_grid", "Config", "load_model", "build_prompt", "batch_inputs"]
 
 BASELINES = ("random", "pool")
 DEFAULT_METHODS = "random,pool,cls_attn,fastv"
@@ -250,13 +250,18 @@ class _Prompter:
         return build_prompt(self.processor, item.question + self.suffix, self.proxy)
 
     def inputs(self, items: Sequence[Item], device):
-        tok = self.processor.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"
-        try:
-            return self.processor(images=[it.image() for it in items], text=[self.text(it) for it in items],
-                                  return_tensors="pt", padding=True).to(device)
-        finally:
-            tok.padding_side = side
+        return batch_inputs(self.processor, [it.image() for it in items], [self.text(it) for it in items], device)
+
+
+def batch_inputs(processor, images: Sequence, texts: Sequence[str], device):
+    """The processor's tensors for one batch, left-padded as generation needs (the tokenizer's side is restored).
+    The lmms-eval plugin batches through it too."""
+    tok = processor.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        return processor(images=list(images), text=list(texts), return_tensors="pt", padding=True).to(device)
+    finally:
+        tok.padding_side = side
 
 
 class _PeakRSS:

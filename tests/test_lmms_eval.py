@@ -18,16 +18,14 @@ pytestmark = pytest.mark.skipif(
     reason="lmms-eval is not installed; install it as the README's lmms-eval section says "
            "(pip install --no-deps lmms_eval==0.7.3 && pip install -e '.[lmms]'); .ci/run does")
 
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-           HF_DATASETS_CACHE="", TOKENIZERS_PARALLELISM="false")
 N = 8
 
 
 def _env(tmp: Path) -> dict:
-    env = dict(ENV)
-    env["HF_DATASETS_CACHE"] = str(tmp / "hf-datasets")
-    env["HF_HOME"] = str(tmp / "hf-home")
-    return env
+    """Offline, with dataset caches in the test's own folder."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=str(tmp / "hf-datasets"),
+                HF_HOME=str(tmp / "hf-home"))
 
 
 def _first_text(x):

@@ -132,6 +132,7 @@ class VlpruneModel(lmms):
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         import vlprune
+        from evals.run import batch_inputs
 
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = defaultdict(list)
@@ -157,23 +158,17 @@ class VlpruneModel(lmms):
                                          f"visuals; it evaluates exactly one image per question")
                     images.append(visuals[0].convert("RGB"))
                     texts.append(self._prompt(context))
-                tok = self.tokenizer
-                side, tok.padding_side = tok.padding_side, "left"
-                try:
-                    inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
-                finally:
-                    tok.padding_side = side
-                inputs = inputs.to(self._device)
+                inputs = batch_inputs(self.processor, images, texts, self._device)
                 if "pixel_values" in inputs and self._model.dtype != torch.float32:
                     inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
                 with torch.inference_mode():
-                    seq = self._model.generate(**inputs, max_new_tokens=max_new, pad_token_id=tok.pad_token_id,
-                                               **sample)
+                    seq = self._model.generate(**inputs, max_new_tokens=max_new,
+                                               pad_token_id=self.tokenizer.pad_token_id, **sample)
                 if vlprune.is_applied(self._model):
                     st = vlprune.stats(self._model)
                     self._costs.extend([st["cost"].tflops / len(chunk)] * len(chunk))
                     self._visual.extend(st["equivalent_tokens"])
-                for i, text in zip(chunk, tok.batch_decode(seq[:, inputs["input_ids"].shape[1]:],
+                for i, text in zip(chunk, self.tokenizer.batch_decode(seq[:, inputs["input_ids"].shape[1]:],
                                                             skip_special_tokens=True)):
                     for u in until:
                         if u and u in text:
