@@ -125,6 +125,24 @@ def test_pope_fixture_scored_with_pope_metrics(tmp_path, tiny_dir):
         assert set(row["pope"]) == {"all", *cats}
 
 
+def test_kv_column_follows_the_tokens_kept(tmp_path, tiny_dir):
+    """The KV cache after generating: pruning to 64 of 576 visual tokens before the decoder removes exactly
+    (576 - 64) tokens x layers x (K and V) x KV heads x head size x 4 bytes per sample, counted from the config."""
+    from transformers import AutoConfig
+
+    out = tmp_path / "kv"
+    assert _run(out, "--methods", "pool", "--keep", "64", "--n", "3", "--max-new-tokens", "3",
+                "--latency-samples", "2", model=tiny_dir) == 0
+    rows = {r["method"]: r for r in _results(out)["results"]}
+    tc = AutoConfig.from_pretrained(tiny_dir).text_config
+    head = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    per_token = tc.num_hidden_layers * 2 * tc.num_key_value_heads * head * 4          # float32 cache
+    removed = rows["unpruned"]["kv_cache_kib"] - rows["pool"]["kv_cache_kib"]
+    assert removed == pytest.approx((576 - 64) * per_token / 1024)
+    assert rows["random"]["kv_cache_kib"] == pytest.approx(rows["pool"]["kv_cache_kib"])
+    assert "| KV KiB |" in (out / "results.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_bad_input_gives_clear_errors(tmp_path, tiny_dir, capsys):
     out = tmp_path / "bad"
