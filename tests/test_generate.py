@@ -155,8 +155,9 @@ def test_batch_matches_batch_of_one(hosts, host, spec):
 
 
 @pytest.mark.parametrize("host", HOSTS)
-@pytest.mark.parametrize("name", ["fastv", "pool"])
+@pytest.mark.parametrize("name", ["fastv", "pool", "random"])
 def test_right_padding_forward_matches_batch_of_one(hosts, host, name):
+    """random: contiguous RoPE positions with samples that keep different numbers of rows (padding slots)."""
     model, proc = hosts[host]
     batch = inputs_for(host, proc, n=2, padding_side="right")
     kw = {"k": 2, "keep": 40} if name == "fastv" else {"keep": 36}

@@ -128,7 +128,7 @@ def stats(model) -> dict:
     schedule = cost.Schedule(vision=list(run.vision), projector_rows=run.projector_rows,
                              projector_flops=run.projector_extra_flops, llm=list(run.llm),
                              scoring_flops=run.scoring_flops, visual_per_layer=mean_visual)
-    report = cost.schedule_cost(model.config, schedule) if run.llm else None
+    report = cost.schedule_cost(getattr(state.adapter, "cost_config", model.config), schedule) if run.llm else None
     return {
         "method": state.method.label,
         "images": [dict(i) for i in run.images],

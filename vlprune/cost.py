@@ -382,6 +382,8 @@ def projector_flops(config: Any, rows: float) -> float:
     """FLOPs (2 x MACs) of LLaVA's ``multi_modal_projector`` on ``rows`` rows (all images, all crops).
 
     linear_1: d_v * n_feature_layers -> d_t, GELU, linear_2: d_t -> d_t, i.e. ``2*rows*(d_v*d_t + d_t*d_t)``.
+    A config with ``projector_linears`` ((in, out) per Linear, e.g. the LLaVA codebase's ``mlp2x_gelu`` or
+    ``linear`` mm_projector) is counted from those instead.
     ``config`` is the full LLaVA / LLaVA-NeXT config (``vision_config``, ``text_config``, ``vision_feature_layer``).
     """
     if getattr(config, "vision_config", None) is None or getattr(config, "text_config", None) is None:
@@ -389,6 +391,9 @@ def projector_flops(config: Any, rows: float) -> float:
             f"projector_flops needs the full multimodal config (with vision_config and text_config), "
             f"got {type(config).__name__}; pass `model.config`."
         )
+    linears = getattr(config, "projector_linears", None)
+    if linears is not None:  # a host that reports its projector's Linear layers as (in, out) pairs
+        return 2.0 * _check_count("projector rows", rows) * sum(int(i) * int(o) for i, o in linears)
     layer = getattr(config, "vision_feature_layer", -2)
     n_feature_layers = 1 if isinstance(layer, int) else len(layer)
     d_v = int(_require(config.vision_config, "hidden_size", "vision-tower")) * n_feature_layers

@@ -35,6 +35,8 @@ __all__ = [
     "tiny_inputs",
     "synthetic_image",
     "identity_method",
+    "tiny_llava_repo",
+    "llava_repo_inputs",
 ]
 
 CORPUS = [
@@ -169,6 +171,88 @@ def tiny_llava_next(seed: int = 0, attn: str = "sdpa", pinpoints: Sequence[Seque
         vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
     return _build(LlavaNextForConditionalGeneration, cfg, seed, attn), processor
+
+
+def tiny_llava_repo(seed: int = 0, anyres: bool = False, attn: str = "sdpa", folder: str | None = None,
+                    pinpoints: Sequence[Sequence[int]] | None = None):
+    """A tiny LLaVA-codebase ``LlavaLlamaForCausalLM`` (PyPI ``llava-torch``, installed with ``--no-deps``) with the
+    same towers as ``tiny_llava``: a random CLIP (saved to ``folder``, a new temporary folder by default, because the
+    codebase always loads its tower by path), an ``mlp2x_gelu`` projector and the tiny Llama.
+
+    ``anyres=False``: the LLaVA-1.5 layout (``image_aspect_ratio="pad"``, ``mm_patch_merge_type="flat"``);
+    ``anyres=True``: LLaVA-1.6 (``"anyres"``, ``"spatial_unpad"``, pinpoints in the codebase's (width, height)).
+    Returns ``(model, tokenizer, image_processor)``; build inputs with ``llava_repo_inputs``.
+    """
+    import os
+    import tempfile
+
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    try:
+        from llava.model import LlavaConfig, LlavaLlamaForCausalLM
+    except ImportError as e:  # llava/model/__init__.py hides the real error behind a bare except
+        raise ImportError(
+            f"the LLaVA codebase is not importable ({e}); install it with: pip install --no-deps "
+            f"llava-torch==1.2.2.post1 && pip install einops einops-exts shortuuid sentencepiece"
+        ) from None
+
+    tok = make_tokenizer()
+    folder = folder or tempfile.mkdtemp(prefix="vlprune-llava-clip-")
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            CLIPVisionModel(tiny_vision_config()).save_pretrained(folder)
+        CLIPImageProcessor(
+            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+            image_mean=_CLIP_MEAN, image_std=_CLIP_STD, do_convert_rgb=True,
+        ).save_pretrained(folder)
+    text = tiny_text_config(len(tok)).to_dict()
+    for k in ("model_type", "architectures", "transformers_version"):
+        text.pop(k, None)
+    mm = dict(mm_vision_tower=folder, mm_hidden_size=64, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
+              mm_vision_select_feature="patch", use_mm_proj=True, tokenizer_padding_side="right",
+              mm_use_im_start_end=False, mm_use_im_patch_token=False)  # as the released LLaVA-1.5/1.6 configs
+    if anyres:
+        pins = [list(p) for p in (pinpoints or PINPOINTS)]
+        mm.update(image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad", image_grid_pinpoints=pins)
+    else:
+        mm.update(image_aspect_ratio="pad", mm_patch_merge_type="flat")
+    cfg = LlavaConfig(**text, **mm)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaLlamaForCausalLM(cfg)
+        if anyres:  # the codebase creates image_newline with torch.empty
+            torch.nn.init.normal_(model.get_model().image_newline, std=cfg.hidden_size ** -0.5)
+    model.get_model().vision_tower.load_model()
+    model.set_attn_implementation(attn)
+    model.eval()
+    return model, tok, model.get_model().vision_tower.image_processor
+
+
+def llava_repo_inputs(model, tokenizer, image_processor, images, prompts: str | Sequence[str] = DEFAULT_PROMPT,
+                      padding_side: str = "right") -> dict:
+    """``input_ids`` (``<image>`` spliced as the codebase's IMAGE_TOKEN_INDEX by its ``tokenizer_image_token``),
+    ``attention_mask``, ``images`` (the codebase's ``process_images``) and ``image_sizes`` (PIL ``(width, height)``),
+    ready for ``model(**inputs)`` or ``model.generate(input_ids, images=..., image_sizes=...)``."""
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.mm_utils import process_images, tokenizer_image_token
+
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    seqs = [torch.tensor(tokenizer_image_token(p, tokenizer, IMAGE_TOKEN_INDEX)) for p in prompts]
+    t = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), t), tokenizer.pad_token_id, dtype=torch.long)
+    am = torch.zeros(len(seqs), t, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        sl = slice(t - len(x), t) if padding_side == "left" else slice(0, len(x))
+        ids[i, sl] = x
+        am[i, sl] = 1
+    pix = process_images(list(images), image_processor, model.config)
+    return {"input_ids": ids, "attention_mask": am, "images": pix, "image_sizes": [im.size for im in images]}
 
 
 def tiny_inputs(processor, images=None, prompts: str | Sequence[str] = DEFAULT_PROMPT, padding_side: str = "left"):

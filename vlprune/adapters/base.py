@@ -23,7 +23,7 @@ def register_adapter(cls: type) -> type:
 
 
 def find_adapter(model):
-    from . import hf_llava  # noqa: F401  (registers the built-in adapters)
+    from . import hf_llava, llava_repo  # noqa: F401  (register the built-in adapters; neither imports its host)
 
     for cls in _ADAPTERS:
         if cls.matches(model):
@@ -31,5 +31,5 @@ def find_adapter(model):
     supported = ", ".join(getattr(c, "supported", c.__name__) for c in _ADAPTERS)
     raise TypeError(
         f"vlprune does not support model class {type(model).__name__!r}. Supported: {supported}. "
-        f"Load the model with one of these classes (e.g. LlavaForConditionalGeneration.from_pretrained(...))."
+        f"Load the model with one of these (e.g. LlavaForConditionalGeneration.from_pretrained(...))."
     )

@@ -108,11 +108,60 @@ class HFLlavaAdapter:
             hidden_size=self.tcfg.hidden_size,
             anyres=self.anyres,
         )
+        self.cost_config = self.config  # what vlprune.cost reads (a full LlavaConfig / LlavaNextConfig)
+
+    # ------------------------------------------------------------------------------------------------ host specifics
+    # A subclass for another host (adapters/llava_repo.py) overrides these five and __init__; the rest is shared.
+    def _get_projector(self):
+        return self.base.multi_modal_projector
+
+    def _set_projector(self, module) -> None:
+        self.base.multi_modal_projector = module
+
+    def _anyres_tiles(self, image_size) -> tuple[int, tuple[int, int] | None]:
+        """(number of crops incl. the base view, (rows, cols) of the high-resolution grid or None)."""
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            image_size_to_num_patches,
+        )
+
+        pinpoints = self.config.image_grid_pinpoints
+        n_crops = image_size_to_num_patches(image_size, pinpoints, self.vcfg.image_size)
+        if n_crops == 1:
+            return 1, None
+        nph, npw = get_anyres_image_grid_shape(image_size, pinpoints, self.vcfg.image_size)
+        return n_crops, (int(nph), int(npw))
+
+    def _unpad(self, grid: torch.Tensor, image_size) -> torch.Tensor:
+        """The host's own unpadding of a (C, H, W) feature grid for an image of ``image_size``."""
+        from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+        return unpad_image(grid, torch.tensor(image_size))
+
+    def _attach_inputs(self, state) -> None:
+        """Hooks that note, per call, where the image tokens are and which images were encoded."""
+        h = state.handles
+        # image sizes: generate encodes images before the forward and drops image_sizes from it, so they are noted
+        # where the host's own get_image_features receives them (an instance attribute, deleted by remove)
+        original_gif = self.base.get_image_features
+
+        @functools.wraps(original_gif)
+        def get_image_features(*args, **kwargs):
+            pv = kwargs.get("pixel_values", args[0] if args else None)
+            sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
+            state.image_call = {"image_sizes": sizes, "n_images": None if pv is None else int(pv.shape[0])}
+            return original_gif(*args, **kwargs)
+
+        self.base.get_image_features = get_image_features
+        state.restore.append(lambda: delattr(self.base, "get_image_features"))
+        h.append(self.base.register_forward_pre_hook(self._mm_pre(state), with_kwargs=True))
 
     # ------------------------------------------------------------------------------------------------ layouts
-    def layouts(self, n_images: int, image_sizes) -> list[ImageLayout]:
-        """Where each visual token of each image comes from, in the order the host packs them."""
-        n_proj = getattr(self.base.multi_modal_projector, "n_visual_tokens", None)
+    def layouts(self, n_images: int, image_sizes, crops=None) -> list[ImageLayout]:
+        """Where each visual token of each image comes from, in the order the host packs them.
+
+        ``crops``: views per image where the host was handed them (the LLaVA codebase); else read off the sizes."""
+        n_proj = getattr(self._get_projector(), "n_visual_tokens", None)
         if not self.anyres and n_proj is not None and n_proj != self.side * self.side:
             # a learned projector (MQT) emits its own number of tokens, with no patch grid behind them
             kind = torch.full((n_proj,), TOKEN_PATCH)
@@ -139,32 +188,23 @@ class HFLlavaAdapter:
         return [self._anyres_layout(sz) for sz in torch.as_tensor(image_sizes).tolist()]
 
     def _anyres_layout(self, image_size) -> ImageLayout:
-        from transformers.models.llava_next.modeling_llava_next import (
-            get_anyres_image_grid_shape,
-            image_size_to_num_patches,
-            unpad_image,
-        )
-
         if self.strategy != "default":
             raise ValueError(
                 f"vlprune supports LLaVA-NeXT with vision_feature_select_strategy='default'; got {self.strategy!r}"
             )
         s = self.side
-        pinpoints = self.config.image_grid_pinpoints
-        n_crops = image_size_to_num_patches(image_size, pinpoints, self.vcfg.image_size)
+        n_crops, tiles = self._anyres_tiles(image_size)
         base_vit = torch.arange(1, s * s + 1)
         kinds, crops, vits, grids = [torch.full((s * s,), TOKEN_PATCH)], [torch.zeros(s * s, dtype=torch.long)], [base_vit], []
         parts = [Partition("base", torch.arange(s * s), (s, s))]
-        tiles = None
         if n_crops > 1:
-            nph, npw = get_anyres_image_grid_shape(image_size, pinpoints, self.vcfg.image_size)
-            tiles = (int(nph), int(npw))
+            nph, npw = tiles
             r = torch.arange(nph * s)[:, None].expand(nph * s, npw * s)
             c = torch.arange(npw * s)[None, :].expand(nph * s, npw * s)
             crop = 1 + (r // s) * npw + (c // s)
             vit = 1 + (r % s) * s + (c % s)
             idx = torch.stack([crop, vit, r // s, c // s]).float()  # (4, H, W), unpadded exactly as the host does
-            idx = unpad_image(idx, torch.tensor(image_size)).long()
+            idx = self._unpad(idx, image_size).long()
             hh, ww = idx.shape[1:]
             full = torch.full((4, hh, ww + 1), -1, dtype=torch.long)
             full[:, :, :ww] = idx
@@ -226,25 +266,13 @@ class HFLlavaAdapter:
 
         h = state.handles
         # projector swap (PROJECTOR stage)
-        proj = method.build_projector(self.model, self.base.multi_modal_projector)
+        proj = method.build_projector(self.model, self._get_projector())
         if proj is not None:
-            original = self.base.multi_modal_projector
-            self.base.multi_modal_projector = proj
-            state.restore.append(lambda: setattr(self.base, "multi_modal_projector", original))
-        h.append(self.base.multi_modal_projector.register_forward_hook(self._projector_hook(state)))
-        # image sizes: generate encodes images before the forward and drops image_sizes from it, so they are noted
-        # where the host's own get_image_features receives them (an instance attribute, deleted by remove)
-        original_gif = self.base.get_image_features
-
-        @functools.wraps(original_gif)
-        def get_image_features(*args, **kwargs):
-            pv = kwargs.get("pixel_values", args[0] if args else None)
-            sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
-            state.image_call = {"image_sizes": sizes, "n_images": None if pv is None else int(pv.shape[0])}
-            return original_gif(*args, **kwargs)
-
-        self.base.get_image_features = get_image_features
-        state.restore.append(lambda: delattr(self.base, "get_image_features"))
+            original = self._get_projector()
+            self._set_projector(proj)
+            state.restore.append(lambda: self._set_projector(original))
+        h.append(self._get_projector().register_forward_hook(self._projector_hook(state)))
+        self._attach_inputs(state)
         # vision tower
         h.append(self.vision.register_forward_pre_hook(self._vision_pre(state)))
         nv = self.info.n_vision_layers
@@ -263,8 +291,7 @@ class HFLlavaAdapter:
             attn = self.vision_layers[l].self_attn
             h.append(attn.q_proj.register_forward_hook(self._vit_q(state, l)))
             h.append(attn.k_proj.register_forward_hook(self._vit_k(state, l, attn)))
-        # multimodal model, decoder, layers, lm_head
-        h.append(self.base.register_forward_pre_hook(self._mm_pre(state), with_kwargs=True))
+        # decoder, layers, lm_head
         h.append(self.text.register_forward_pre_hook(self._text_pre(state), with_kwargs=True))
         h.append(self.text.register_forward_hook(self._text_post(state), with_kwargs=True))
         for i, layer in enumerate(self.layers):
@@ -583,8 +610,11 @@ class HFLlavaAdapter:
         kept_pos = sel.apply(pos)
         if self.positions == "contiguous":
             # renumber without gaps: each kept token moves down by the prompt tokens dropped before it
-            kept_flag = torch.zeros(b, t, dtype=torch.bool, device=emb.device)
-            kept_flag.scatter_(1, sel.idx.clamp(min=0), sel.idx >= 0)
+            # padding slots (-1) write to a spare column t, never over a real position
+            kept_flag = torch.zeros(b, t + 1, dtype=torch.bool, device=emb.device)
+            slot = sel.idx >= 0
+            kept_flag.scatter_(1, torch.where(slot, sel.idx, t), slot)
+            kept_flag = kept_flag[:, :t]
             dropped = valid & ~kept_flag
             before = torch.cumsum(dropped.long(), 1)
             kept_pos = kept_pos - sel.apply(before)
@@ -604,7 +634,7 @@ class HFLlavaAdapter:
             n_images = len(sizes) if sizes is not None else n_images
         elif n_images is None:
             n_images = total // self.layouts(1, None)[0].n
-        layouts = self.layouts(n_images, sizes)
+        layouts = self.layouts(n_images, sizes, noted.get("crops"))
         if sum(l.n for l in layouts) != total:
             raise ValueError(
                 f"image tokens and image features do not line up: tokens: {total}, features: "

@@ -285,7 +285,10 @@ class MQT(Method):
         elif self.weights is not None:
             ref = next(model.parameters())
             mqt = load_mqt(self.weights).to(device=ref.device, dtype=ref.dtype)
-            side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+            vc = getattr(model.config, "vision_config", None)
+            if vc is None:  # the LLaVA codebase: the tower's own CLIP config
+                vc = model.get_vision_tower().config
+            side = vc.image_size // vc.patch_size
             n_out = side * side
         else:
             raise ValueError("mqt: this model has no MQT projector; load an MQT-LLaVA model (convert_mqt_llava, "
