@@ -23,7 +23,7 @@ def register_adapter(cls: type) -> type:
 
 
 def find_adapter(model):
-    from . import hf_llava, llava_repo  # noqa: F401  (register the built-in adapters; neither imports its host)
+    from . import hf_llava, llava_repo, vision_towers  # noqa: F401  (the built-in adapters; none imports its host)
 
     for cls in _ADAPTERS:
         if cls.matches(model):
