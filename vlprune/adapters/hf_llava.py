@@ -42,7 +42,7 @@ from ..methods.base import (
     Stage,
 )
 from ..ops import attention_rows as _attention_rows
-from ..ops import MergePlan, cls_logits_from_qk, merge_tokens, repeat_kv
+from ..ops import cls_logits_from_qk, merge_batch, repeat_kv
 from ..state import CacheRecord, Selection, SeqState, causal_mask, gather_rows, to_mask_dtype
 from .base import register_adapter
 
@@ -93,9 +93,15 @@ class HFLlavaAdapter:
         self.vcfg = self.config.vision_config
         fl = self.config.vision_feature_layer
         fl = fl[-1] if isinstance(fl, (list, tuple)) else fl
-        nv = len(self.vision_layers)
-        self.feature_layer = nv + fl if fl < 0 else fl - 1  # 0-based ViT layer whose output the host uses
         self.strategy = self.config.vision_feature_select_strategy
+        self._init_geometry(fl)
+        self.cost_config = self.config  # what vlprune.cost reads (a full LlavaConfig / LlavaNextConfig)
+
+    def _init_geometry(self, feature_layer: int) -> None:
+        """feature_layer, side, the decoder's RoPE function and HostInfo, from the towers set by __init__ and the
+        host's (negative or 1-based) feature layer."""
+        nv = len(self.vision_layers)
+        self.feature_layer = nv + feature_layer if feature_layer < 0 else feature_layer - 1  # 0-based ViT layer used
         self.side = self.vcfg.image_size // self.vcfg.patch_size
         attn0 = self.layers[0].self_attn
         self._rope = getattr(sys.modules[type(attn0).__module__], "apply_rotary_pos_emb", None)
@@ -108,7 +114,6 @@ class HFLlavaAdapter:
             hidden_size=self.tcfg.hidden_size,
             anyres=self.anyres,
         )
-        self.cost_config = self.config  # what vlprune.cost reads (a full LlavaConfig / LlavaNextConfig)
 
     # ------------------------------------------------------------------------------------------------ host specifics
     # A subclass for another host (adapters/llava_repo.py) overrides these five and __init__; the rest is shared.
@@ -367,14 +372,9 @@ class HFLlavaAdapter:
             if all(p is None or p.n_new == x.shape[1] for p in plans):
                 state.run.method_seconds += time.perf_counter() - t0
                 return None
-            bv, s, d = x.shape
-            plans = [p if p is not None else _identity_plan(s) for p in plans]
-            n_new = max(p.n_new for p in plans)
-            out = x.new_zeros(bv, n_new, d)
-            valid = torch.zeros(bv, n_new, dtype=torch.bool, device=x.device)
-            for c, p in enumerate(plans):
-                out[c, : p.n_new] = merge_tokens(x[c], p.assign, p.n_new)
-                valid[c, : p.n_new] = True
+            bv, s, _ = x.shape
+            out, valid, plans = merge_batch(x, plans)
+            n_new = out.shape[1]
             mask = None
             if not bool(valid.all()):
                 mask = torch.zeros(bv, 1, n_new, n_new, dtype=x.dtype, device=x.device)
@@ -949,10 +949,6 @@ class HFLlavaAdapter:
                 state.run.llm[-1].lm_head_rows = int(args[0].shape[1])
 
         return hook
-
-
-def _identity_plan(s: int):
-    return MergePlan(assign=torch.arange(s), rep=torch.arange(s), score=torch.full((s,), float("nan")))
 
 
 def _runs(sorted_vals: torch.Tensor):

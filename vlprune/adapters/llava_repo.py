@@ -31,7 +31,6 @@ import types
 
 import torch
 
-from ..methods.base import HostInfo
 from .base import register_adapter
 from .hf_llava import HFLlavaAdapter, _vision_layers_of
 
@@ -115,20 +114,7 @@ class LlavaRepoAdapter(HFLlavaAdapter):
             raise ValueError(f"mm_vision_select_feature must be 'patch' or 'cls_patch'; got {feature!r}")
         self.strategy = "default" if feature == "patch" else "full"
         fl = int(getattr(self.config, "mm_vision_select_layer", -2))
-        nv = len(self.vision_layers)
-        self.feature_layer = nv + fl if fl < 0 else fl - 1
-        self.side = self.vcfg.image_size // self.vcfg.patch_size
-        attn0 = self.layers[0].self_attn
-        self._rope = getattr(sys.modules[type(attn0).__module__], "apply_rotary_pos_emb", None)
-        self.info = HostInfo(
-            n_layers=len(self.layers),
-            n_vision_layers=nv,
-            vision_feature_layer=self.feature_layer,
-            n_heads=self.tcfg.num_attention_heads,
-            n_kv_heads=getattr(self.tcfg, "num_key_value_heads", None) or self.tcfg.num_attention_heads,
-            hidden_size=self.tcfg.hidden_size,
-            anyres=self.anyres,
-        )
+        self._init_geometry(fl)
         self.cost_config = types.SimpleNamespace(
             text_config=self.config, vision_config=self.vcfg, vision_feature_layer=fl,
             projector_linears=self._projector_linears(self.base.mm_projector),

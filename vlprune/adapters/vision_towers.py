@@ -47,7 +47,7 @@ from ..methods.base import (
     Partition,
     Stage,
 )
-from ..ops import MergePlan, cls_logits_from_qk, merge_tokens
+from ..ops import MergePlan, cls_logits_from_qk, merge_batch
 from .base import register_adapter
 
 DECODER_STAGES = (Stage.LLM_LAYER, Stage.KV_CACHE, Stage.PROJECTOR)
@@ -76,10 +76,6 @@ def decoder_stages_used(part) -> list[Stage]:
         elif st in DECODER_STAGES:
             used.append(st)
     return used
-
-
-def _identity_plan(s: int) -> MergePlan:
-    return MergePlan(assign=torch.arange(s), rep=torch.arange(s), score=torch.full((s,), float("nan")))
 
 
 class _TowerAdapter:
@@ -207,14 +203,9 @@ class _TowerAdapter:
             if all(p is None or p.n_new == xb.shape[1] for p in plans):
                 state.run.method_seconds += time.perf_counter() - t0
                 return None
-            b_, s, d = xb.shape
-            plans = [p if p is not None else _identity_plan(s) for p in plans]
-            n_new = max(p.n_new for p in plans)
-            out = xb.new_zeros(b_, n_new, d)
-            valid = torch.zeros(b_, n_new, dtype=torch.bool, device=x.device)
-            for b, p in enumerate(plans):
-                out[b, : p.n_new] = merge_tokens(xb[b], p.assign, p.n_new)
-                valid[b, : p.n_new] = True
+            s = xb.shape[1]
+            out, valid, plans = merge_batch(xb, plans)
+            n_new = out.shape[1]
             mask = None if bool(valid.all()) else self._key_mask(valid, xb.dtype)
             state.vit_merge = {"plans": plans, "assign": torch.stack([p.assign for p in plans]).to(x.device),
                                "valid": valid, "mask": mask, "length": s, "merged_length": n_new}

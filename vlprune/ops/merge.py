@@ -75,3 +75,23 @@ def merge_tokens(x: torch.Tensor, assign: torch.Tensor, n_new: int) -> torch.Ten
     out.index_add_(0, assign.to(x.device), x.float())
     count = torch.bincount(assign.to(x.device), minlength=n_new).clamp_min(1).to(torch.float32)
     return (out / count[:, None]).to(x.dtype)
+
+
+def merge_batch(x: torch.Tensor, plans: list) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Apply one MergePlan per sequence of x (B, S, D) (None = keep all): (out (B, S', D), valid (B, S') bool,
+    plans with None replaced by the identity). Shorter results are right-padded with zero rows (valid False);
+    S' is the longest merged length."""
+    b, s, d = x.shape
+    plans = [p if p is not None else identity_plan(s) for p in plans]
+    n_new = max(p.n_new for p in plans)
+    out = x.new_zeros(b, n_new, d)
+    valid = torch.zeros(b, n_new, dtype=torch.bool, device=x.device)
+    for i, p in enumerate(plans):
+        out[i, : p.n_new] = merge_tokens(x[i], p.assign, p.n_new)
+        valid[i, : p.n_new] = True
+    return out, valid, plans
+
+
+def identity_plan(s: int) -> MergePlan:
+    """The plan that keeps all s tokens as they are."""
+    return MergePlan(assign=torch.arange(s), rep=torch.arange(s), score=torch.full((s,), float("nan")))
