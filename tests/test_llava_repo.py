@@ -1,5 +1,5 @@
-"""The registry-wide contract on the original LLaVA codebase (PyPI ``llava-torch``, ``LlavaLlamaForCausalLM``), in its
-LLaVA-1.5 layout and its LLaVA-1.6 AnyRes layout: keep-all identity, exact removal, batch vs single, and generate
+"""The registry-wide contract on the original LLaVA codebase (PyPI ``llava-torch``): ``LlavaLlamaForCausalLM`` in its
+LLaVA-1.5 layout and its LLaVA-1.6 AnyRes layout, and ``LlavaMistralForCausalLM`` (LLaVA-1.6-Mistral): keep-all identity, exact removal, batch vs single, and generate
 with the KV cache against a no-cache reference that runs the unpatched decoder.
 
 ``.ci/run`` installs the codebase (``pip install --no-deps llava-torch==1.2.2.post1``) and sets
@@ -34,18 +34,19 @@ from vlprune.testing import llava_repo_inputs, synthetic_image, tiny_llava_repo 
 warnings.filterwarnings("ignore", message=".*CLIPImageProcessor.*")
 
 ALL = vlprune.list_methods()
-HOSTS = ("llava15", "llava16")
+HOSTS = ("llava15", "llava16", "llava16_mistral")  # LlavaLlamaForCausalLM 1.5 / 1.6, LlavaMistralForCausalLM 1.6
 PROMPTS = ["USER: <image>\nWhat is shown in this image? ASSISTANT:",
            "USER: <image>\nHow many objects are there? Describe the picture in detail. ASSISTANT:"]
 
 
 @pytest.fixture(scope="module")
 def repo_hosts():
-    return {"llava15": tiny_llava_repo(seed=0, anyres=False), "llava16": tiny_llava_repo(seed=0, anyres=True)}
+    return {"llava15": tiny_llava_repo(seed=0, anyres=False), "llava16": tiny_llava_repo(seed=0, anyres=True),
+            "llava16_mistral": tiny_llava_repo(seed=0, anyres=True, decoder="mistral")}
 
 
 def _sizes(host, n):
-    return [(336, 336), (480, 360) if host == "llava16" else (336, 336)][:n]
+    return [(336, 336), (480, 360) if host.startswith("llava16") else (336, 336)][:n]
 
 
 def _inputs(repo_hosts, host, n=2, padding_side="right"):
@@ -272,7 +273,7 @@ def test_layout_matches_the_codebase_packing(repo_hosts, host):
         expect = feats[crop0 + lay.crop[patch], lay.vit_index[patch] - 1]
         torch.testing.assert_close(rows[patch], expect, rtol=0, atol=0)
         newline = lay.kind == TOKEN_NEWLINE
-        if host == "llava16":
+        if host.startswith("llava16"):
             assert int(newline.sum()) > 0
             torch.testing.assert_close(rows[newline], model.get_model().image_newline.expand(int(newline.sum()), -1))
         else:

@@ -174,13 +174,14 @@ def tiny_llava_next(seed: int = 0, attn: str = "sdpa", pinpoints: Sequence[Seque
 
 
 def tiny_llava_repo(seed: int = 0, anyres: bool = False, attn: str = "sdpa", folder: str | None = None,
-                    pinpoints: Sequence[Sequence[int]] | None = None):
+                    pinpoints: Sequence[Sequence[int]] | None = None, decoder: str = "llama"):
     """A tiny LLaVA-codebase ``LlavaLlamaForCausalLM`` (PyPI ``llava-torch``, installed with ``--no-deps``) with the
     same towers as ``tiny_llava``: a random CLIP (saved to ``folder``, a new temporary folder by default, because the
     codebase always loads its tower by path), an ``mlp2x_gelu`` projector and the tiny Llama.
 
     ``anyres=False``: the LLaVA-1.5 layout (``image_aspect_ratio="pad"``, ``mm_patch_merge_type="flat"``);
     ``anyres=True``: LLaVA-1.6 (``"anyres"``, ``"spatial_unpad"``, pinpoints in the codebase's (width, height)).
+    ``decoder="mistral"`` builds the codebase's ``LlavaMistralForCausalLM`` (LLaVA-1.6-Mistral) instead.
     Returns ``(model, tokenizer, image_processor)``; build inputs with ``llava_repo_inputs``.
     """
     import os
@@ -188,8 +189,14 @@ def tiny_llava_repo(seed: int = 0, anyres: bool = False, attn: str = "sdpa", fol
 
     from transformers import CLIPImageProcessor, CLIPVisionModel
 
+    if decoder not in ("llama", "mistral"):
+        raise ValueError(f"decoder must be 'llama' or 'mistral'; got {decoder!r}")
     try:
-        from llava.model import LlavaConfig, LlavaLlamaForCausalLM
+        if decoder == "llama":
+            from llava.model import LlavaConfig, LlavaLlamaForCausalLM
+        else:
+            from llava.model.language_model.llava_mistral import LlavaMistralConfig as LlavaConfig
+            from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM as LlavaLlamaForCausalLM
     except ImportError as e:  # llava/model/__init__.py hides the real error behind a bare except
         raise ImportError(
             f"the LLaVA codebase is not importable ({e}); install it with: pip install --no-deps "

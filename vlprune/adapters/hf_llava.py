@@ -974,9 +974,14 @@ def _last_valid(valid: torch.Tensor) -> torch.Tensor:
 
 
 def _real_len(cache, layer: int) -> int:
+    """Entries the layer's cache holds now (what the next step attends to besides itself). A sliding-window layer
+    reports its cumulative length in get_seq_length, which an eviction does not change, so its tensor is read."""
     layers = getattr(cache, "layers", None)
     if layers is None or layer >= len(layers):
         return 0
+    keys = getattr(layers[layer], "keys", None)
+    if torch.is_tensor(keys) and keys.dim() >= 3:
+        return int(keys.shape[-2])
     return layers[layer].get_seq_length()
 
 

@@ -1,4 +1,5 @@
-"""Seams of the original LLaVA codebase (haotian-liu/LLaVA, PyPI ``llava-torch``): ``LlavaLlamaForCausalLM``.
+"""Seams of the original LLaVA codebase (haotian-liu/LLaVA, PyPI ``llava-torch``): ``LlavaLlamaForCausalLM`` and
+``LlavaMistralForCausalLM``.
 
 The LLaVA-1.5 layout (``mm_patch_merge_type="flat"``) and the LLaVA-1.6 AnyRes layout
 (``image_aspect_ratio="anyres"``, ``mm_patch_merge_type="spatial_unpad"``) are supported. The decoder is transformers'
@@ -76,7 +77,7 @@ def _per_image_crops(images) -> list[int]:
 class LlavaRepoAdapter(HFLlavaAdapter):
     """The LLaVA codebase's ``LlavaLlamaForCausalLM`` (and its Mistral variant, same seams)."""
 
-    supported = "LLaVA codebase (llava-torch) LlavaLlamaForCausalLM, LLaVA-1.5 and 1.6 AnyRes"
+    supported = "LLaVA codebase (llava-torch) LlavaLlamaForCausalLM / LlavaMistralForCausalLM, LLaVA-1.5 and 1.6 AnyRes"
 
     @classmethod
     def matches(cls, model) -> bool:
