@@ -2,9 +2,9 @@
 ``LlavaMistralForCausalLM``.
 
 The LLaVA-1.5 layout (``mm_patch_merge_type="flat"``) and the LLaVA-1.6 AnyRes layout
-(``image_aspect_ratio="anyres"``, ``mm_patch_merge_type="spatial_unpad"``) are supported. The decoder is transformers'
-own ``LlamaModel`` (``model.get_model()``), so every decoder-side hook is the one the transformers host uses; what
-differs is where images enter:
+(``image_aspect_ratio="anyres"``, ``mm_patch_merge_type="spatial_unpad"``) are supported. The decoder is
+transformers' own ``LlamaModel`` / ``MistralModel`` (``model.get_model()``), so every decoder-side hook is the one
+the transformers host uses; what differs is where images enter:
 
 - vision tower: ``model.get_vision_tower().vision_tower`` is a transformers ``CLIPVisionModel``; the ViT hooks are
   the same. ``mm_vision_select_layer`` / ``mm_vision_select_feature`` ("patch" drops the CLS) give the feature layer.
