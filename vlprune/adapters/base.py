@@ -33,3 +33,36 @@ def find_adapter(model):
         f"vlprune does not support model class {type(model).__name__!r}. Supported: {supported}. "
         f"Load the model with one of these (e.g. LlavaForConditionalGeneration.from_pretrained(...))."
     )
+
+
+def run_selections(parts, cur, keep, n: int, merged=None):
+    """Apply the PRE_LLM ``select`` of each part in turn to one image's tokens, composing the results.
+
+    cur: the ImageTokens the first part sees; keep: (K0,) their indices in the image of n tokens (all of them, or
+    one representative per ViT-merged group); merged: (n,) representative of each merged token or None.
+    Returns (keep (K,) image indices kept, features (K, D) or None when the host's own rows stay, merged (n,) or
+    None, protected image indices (kept ones only)).
+    """
+    import torch
+
+    feats = None
+    prot = torch.empty(0, dtype=torch.long)
+    for part in parts:
+        sel = part.select(cur)
+        if sel is None:
+            continue
+        k = sel.keep.cpu()
+        if sel.protect is not None:
+            prot = torch.cat([prot, keep[k[sel.protect.cpu()]]])
+        if sel.features is not None:
+            feats = sel.features
+            if sel.merged_from is not None:
+                merged_full = torch.full((n,), -1, dtype=torch.long)
+                mf = sel.merged_from.cpu()
+                merged_full[keep[mf >= 0]] = keep[k[mf[mf >= 0]]]
+                merged = merged_full
+        elif feats is not None:
+            feats = feats[k.to(feats.device)]
+        keep = keep[k]
+        cur = cur.subset(k, sel.features)
+    return keep, feats, merged, prot[torch.isin(prot, keep)]

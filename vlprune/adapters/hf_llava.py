@@ -44,7 +44,7 @@ from ..methods.base import (
 from ..ops import attention_rows as _attention_rows
 from ..ops import cls_logits_from_qk, merge_batch, repeat_kv
 from ..state import CacheRecord, Selection, SeqState, causal_mask, gather_rows, to_mask_dtype
-from .base import register_adapter
+from .base import register_adapter, run_selections
 
 
 def _parts(method) -> list:
@@ -539,35 +539,15 @@ class HFLlavaAdapter:
         protected = []  # (sample, prompt position) of protected tokens
         for img, span, crop_offset in images:
             sel_keep = torch.arange(img.n)
-            feats = None
             merged = None
             cur = img
-            prot = torch.empty(0, dtype=torch.long)  # protected image-token indices
             if state.vit_merge is not None:
                 sel_keep, merged = self._dedup(img, state.vit_merge, crop_offset)
                 cur = img.subset(sel_keep)
-            for p in self.pre_parts:
-                s = p.select(cur)
-                if s is None:
-                    continue
-                k = s.keep.cpu()
-                if s.protect is not None:
-                    prot = torch.cat([prot, sel_keep[k[s.protect.cpu()]]])
-                if s.features is not None:
-                    feats = s.features
-                    if s.merged_from is not None:
-                        merged_full = torch.full((img.n,), -1, dtype=torch.long)
-                        mf = s.merged_from.cpu()
-                        merged_full[sel_keep[mf >= 0]] = sel_keep[k[mf[mf >= 0]]]
-                        merged = merged_full
-                elif feats is not None:
-                    feats = feats[k.to(feats.device)]
-                sel_keep = sel_keep[k]
-                cur = cur.subset(k, s.features)
+            sel_keep, feats, merged, prot = run_selections(self.pre_parts, cur, sel_keep, img.n, merged)
             dropped = sel_keep.numel() < img.n or feats is not None
             changed |= dropped
             pos = span[sel_keep.to(span.device)]
-            prot = prot[torch.isin(prot, sel_keep)]
             protected.extend((img.sample, int(span[i])) for i in prot.tolist())
             keep_lists[img.sample].append(pos)
             if feats is not None:

@@ -48,7 +48,7 @@ from ..methods.base import (
     Stage,
 )
 from ..ops import MergePlan, cls_logits_from_qk, merge_batch
-from .base import register_adapter
+from .base import register_adapter, run_selections
 
 DECODER_STAGES = (Stage.LLM_LAYER, Stage.KV_CACHE, Stage.PROJECTOR)
 _PROBE_DEPTH = 32  # a nominal decoder depth, only to ask a method whether it would act inside a decoder
@@ -83,6 +83,12 @@ class _TowerAdapter:
 
     supported = ""
     host = ""
+    module = ""  # where the library defines its VisionTransformer; matched only once the library is imported
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        mod = sys.modules.get(cls.module)
+        return mod is not None and isinstance(model, mod.VisionTransformer)
 
     # -------------------------------------------------------------------------------------------- tower facts
     def __init__(self, model):
@@ -271,36 +277,17 @@ class _TowerAdapter:
             img = self._image_tokens(state, full[p:], layout, b)
             sel_keep = torch.arange(n)
             merged = None
-            feats = None
             cur = img
-            prot = torch.empty(0, dtype=torch.long)
             if vm is not None:
                 sel_keep, merged = self._dedup(vm["plans"][b], n)
                 cur = img.subset(sel_keep)
-            for part in self.pre_parts:
-                sel = part.select(cur)
-                if sel is None:
-                    continue
-                k = sel.keep.cpu()
-                if sel.protect is not None:
-                    prot = torch.cat([prot, sel_keep[k[sel.protect.cpu()]]])
-                if sel.features is not None:
-                    feats = sel.features
-                    if sel.merged_from is not None:
-                        merged_full = torch.full((n,), -1, dtype=torch.long)
-                        mf = sel.merged_from.cpu()
-                        merged_full[sel_keep[mf >= 0]] = sel_keep[k[mf[mf >= 0]]]
-                        merged = merged_full
-                elif feats is not None:
-                    feats = feats[k.to(feats.device)]
-                sel_keep = sel_keep[k]
-                cur = cur.subset(k, sel.features)
+            sel_keep, feats, merged, prot = run_selections(self.pre_parts, cur, sel_keep, n, merged)
             changed |= sel_keep.numel() < n or feats is not None
             patch_rows = full[p + sel_keep.to(x.device)] if feats is None else feats.to(device=x.device, dtype=x.dtype)
             rows.append(torch.cat([full[:p], patch_rows], 0))  # (P + K, D)
             state.run.images.append(
                 {"sample": b, "visual_tokens": n, "kept": int(sel_keep.numel()), "kept_indices": sel_keep,
-                 "merged_into": merged, "protected": prot[torch.isin(prot, sel_keep)],
+                 "merged_into": merged, "protected": prot,
                  "partitions": layout.partition_counts(),
                  "kept_per_partition": None if merged is not None else layout.partition_counts(sel_keep),
                  "output_tokens": p + int(sel_keep.numel())}
@@ -394,10 +381,7 @@ class TimmViTAdapter(_TowerAdapter):
     supported = "timm VisionTransformer"
     host = "timm"
 
-    @classmethod
-    def matches(cls, model) -> bool:
-        mod = sys.modules.get("timm.models.vision_transformer")
-        return mod is not None and isinstance(model, mod.VisionTransformer)
+    module = "timm.models.vision_transformer"
 
     def _blocks(self):
         return list(self.model.blocks)
@@ -496,10 +480,7 @@ class OpenClipViTAdapter(_TowerAdapter):
     supported = "open_clip VisionTransformer"
     host = "open_clip"
 
-    @classmethod
-    def matches(cls, model) -> bool:
-        mod = sys.modules.get("open_clip.transformer")
-        return mod is not None and isinstance(model, mod.VisionTransformer)
+    module = "open_clip.transformer"
 
     def _blocks(self):
         return list(self.model.transformer.resblocks)
