@@ -82,3 +82,44 @@ def test_one_training_step_runs(tmp_path):
 
 # test-split seeds the shipped model answers correctly (two per family), fixed when the weights were trained
 FIXED = [split_seed("test", i) for i in (0, 1, 4, 10, 12, 13, 15, 27, 29, 41, 146, 302)]
+
+
+def test_vision_stage_then_frozen_tower(tmp_path):
+    from evals.proxy.train import main
+
+    rc = main(["--out", str(tmp_path), "--vision-steps", "2", "--vision-batch-size", "1", "--freeze-vision",
+               "--steps", "1", "--batch-size", "1", "--turns", "2", "--next-steps", "0", "--eval-n", "0",
+               "--device", "cpu", "--precision", "fp32"])
+    assert rc == 0
+    meta = json.loads((tmp_path / "llava-proxy" / "training.json").read_text())
+    assert meta["bf16"] is False and meta["args"]["freeze_vision"] is True
+    last = meta["vision_stage"]["history"][-1]
+    assert last["step"] == 2 and set(last["patches"]) >= {"background", "object", "shape", "digit"}
+    assert all(torch.isfinite(torch.tensor(last[k])) for k in ("patch", "present", "count"))
+
+
+def test_sincos_positions_are_local():
+    from evals.proxy.model import build_model
+    from evals.proxy.train import sincos_positions
+
+    model = build_model("llava", seed=0)
+    sincos_positions(model)
+    tower = model.model.vision_tower
+    w = getattr(tower, "vision_model", tower).embeddings.position_embedding.weight.detach()
+    assert torch.count_nonzero(w[0]) == 0 and w.shape[0] == 577
+    grid = w[1:].reshape(24, 24, -1)
+    near = torch.cosine_similarity(grid[10, 10], grid[10, 11], dim=0)
+    far = torch.cosine_similarity(grid[10, 10], grid[10, 20], dim=0)
+    below = torch.cosine_similarity(grid[10, 10], grid[20, 10], dim=0)
+    assert near > far and near > below, (near, far, below)
+    assert torch.unique(grid.reshape(576, -1), dim=0).shape[0] == 576     # every patch has its own code
+
+
+def test_precision_choice():
+    from evals.proxy.train import native_bf16, use_bf16
+
+    cpu = torch.device("cpu")
+    assert use_bf16("fp32", cpu) is False and use_bf16("bf16", cpu) is True
+    assert use_bf16("auto", cpu) == native_bf16(cpu)
+    with pytest.raises(ValueError, match="'auto', 'bf16' or 'fp32'"):
+        use_bf16("half", cpu)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import model as pm
-from .train import _autocast, lr_at, make_batch
+from .train import _autocast, lr_at, make_batch, use_bf16
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "weights" / "llava-mqt-proxy"
 
@@ -107,7 +107,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="bf16 autocast or float32 (auto: bf16 where the device computes it natively)")
+    ap.add_argument("--no-bf16", action="store_true", help="same as --precision fp32")
     args = ap.parse_args(argv)
 
     from vlprune.methods.mqt import MQTHost, MQTProjector, save_mqt
@@ -118,6 +120,7 @@ def main(argv=None) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
+    bf16 = use_bf16("fp32" if args.no_bf16 else args.precision, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logf = open(out / "train.log", "w")
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
 
     meta = dict(command="python -m evals.proxy.train_mqt " + " ".join(argv if argv is not None else sys.argv[1:]),
                 args=vars(args), device=str(device), torch=torch.__version__, transformers=transformers.__version__,
-                python=platform.python_version(), threads=torch.get_num_threads())
+                python=platform.python_version(), threads=torch.get_num_threads(), bf16=bf16)
     log(json.dumps(meta))
     model, processor = load("llava")
     model.float()
@@ -143,9 +146,9 @@ def main(argv=None) -> int:
     model.model.multi_modal_projector = host
     t0 = time.time()
     hist = train(model, host, processor, args.steps1, args.batch_size, args.lr1, args.seed, args.turns, 1,
-                 args.queries, log, device, not args.no_bf16)
+                 args.queries, log, device, bf16)
     hist += train(model, host, processor, args.steps2, args.batch_size, args.lr2, args.seed + 1, args.turns, 2,
-                  args.queries, log, device, not args.no_bf16)
+                  args.queries, log, device, bf16)
     seconds = round(time.time() - t0, 1)
     model.to("cpu").eval()
     model.model.multi_modal_projector = mlp  # the checkpoint keeps the stock projector slot; MQT goes beside it
