@@ -1,20 +1,16 @@
 """The vision-tower probe: it reads what features carry, per attribute, and runs on the shipped proxy."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from evals.proxy import PATHS
+from evals.proxy.probe import patch_targets as _labels
 from evals.proxy.probe import probe, probe_features, scene_batch
-from evals.proxy.scenes import COMBOS, N_PATCH_CLASSES, patch_labels
+from evals.proxy.scenes import COMBOS, N_PATCH_CLASSES
 
 TRAIN, EVAL = scene_batch("train", 7_000_000, 96), scene_batch("validation", 0, 12)
-
-
-def _labels(scenes):
-    return torch.from_numpy(np.stack([patch_labels(s).reshape(-1) for s in scenes]))
 
 
 def test_features_that_hold_the_patch_class_are_read_exactly():

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .scenes import COMBOS, N_PATCH_CLASSES, make_scene, patch_labels, render, split_seed
 
-__all__ = ["probe", "probe_features", "tower_features", "scene_batch"]
+__all__ = ["probe", "probe_features", "tower_features", "scene_batch", "patch_targets"]
 
 _N_OBJ = len(COMBOS)
 
@@ -36,6 +36,11 @@ _N_OBJ = len(COMBOS)
 def scene_batch(split: str, start: int, n: int):
     """``n`` scenes of ``split`` (seeds ``start ..``), half with a sign and a third with a small object."""
     return [make_scene(split_seed(split, start + i), need_sign=i % 2 == 0, need_small=i % 3 == 0) for i in range(n)]
+
+
+def patch_targets(scenes) -> torch.Tensor:
+    """(n, patches) int64 patch classes of ``scenes`` (``scenes.patch_labels``, row-major)."""
+    return torch.from_numpy(np.stack([patch_labels(s).reshape(-1) for s in scenes]))
 
 
 def tower_features(model, processor, batch_size: int = 16) -> Callable:
@@ -94,10 +99,8 @@ def probe_features(features: Callable, train_scenes: Sequence, eval_scenes: Sequ
                    lr: float = 3e-3, seed: int = 0) -> dict:
     """Fit the probe on ``features(train_scenes)`` and score it on ``features(eval_scenes)`` (see module doc).
     ``colour`` and ``shape`` count an object patch the probe called background or a digit as wrong."""
-    xtr = features(list(train_scenes))
-    ytr = torch.from_numpy(np.stack([patch_labels(s).reshape(-1) for s in train_scenes]))
-    xev = features(list(eval_scenes))
-    yev = torch.from_numpy(np.stack([patch_labels(s).reshape(-1) for s in eval_scenes]))
+    xtr, ytr = features(list(train_scenes)), patch_targets(train_scenes)
+    xev, yev = features(list(eval_scenes)), patch_targets(eval_scenes)
     if xtr.shape[:2] != ytr.shape:
         raise ValueError(f"features {tuple(xtr.shape)} do not match the patch grid {tuple(ytr.shape)}; the probe "
                          f"needs one feature row per 14 px patch of a 336 px scene")

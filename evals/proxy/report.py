@@ -196,7 +196,6 @@ def main(argv=None) -> int:
         if not (path / "config.json").exists():
             print(f"skip {path}: no model there", file=sys.stderr)
             continue
-        model, proc = load(geometry, device=str(device), folder=path)
         training = json.loads((path / "training.json").read_text()) if (path / "training.json").exists() else {}
         if args.probe_only:
             if not (path / "report.json").exists():
@@ -205,11 +204,12 @@ def main(argv=None) -> int:
             if geometry == "llava" and args.probe:
                 from .probe import probe
 
-                full["probe"] = probe(model, proc, n_train=args.probe)
+                full["probe"] = probe(*load(geometry, device=str(device), folder=path), n_train=args.probe)
                 (path / "report.json").write_text(json.dumps(full, indent=1))
             (path / "README.md").write_text(card(geometry, training, full))
             print(geometry, json.dumps(full.get("probe")), flush=True)
             continue
+        model, proc = load(geometry, device=str(device), folder=path)
         t0 = time.time()
         rep = {"vocab_size": len(proc.tokenizer)}
         if geometry == "llava":

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import model as pm
+from .probe import patch_targets
 from .scenes import (COMBOS, N_PATCH_CLASSES, make_scene, patch_labels, ref_patches, render, scene_targets,
                      train_turns)
 
@@ -181,6 +182,19 @@ def grounding_loss(model, store, ids, mask, answer_at, ground) -> torch.Tensor:
     return torch.cat(losses).mean()
 
 
+def vision_losses(model, heads, vis, targets) -> tuple[torch.Tensor, dict]:
+    """The auxiliary vision losses on the tower output ``vis`` (hidden states kept): patch classes of the feature
+    layer, and object kinds present and object count from the final CLS token; their sum and logged values."""
+    feat = vis.hidden_states[model.config.vision_feature_layer][:, 1:]
+    lp = F.cross_entropy(heads.patch(feat).flatten(0, 1).float(), targets["patch_labels"].flatten())
+    # LLaVA overwrites pooler_output with the projected features: pool the CLS token here
+    cls = _post_ln(model)(vis.last_hidden_state[:, 0])
+    lpres = F.binary_cross_entropy_with_logits(heads.present(cls).float(), targets["present"])
+    lcnt = F.cross_entropy(heads.count(cls).float(), targets["n_objects"])
+    parts = dict(patch=float(lp.detach()), present=float(lpres.detach()), count=float(lcnt.detach()))
+    return lp + lpres + lcnt, parts
+
+
 def _post_ln(model):
     tower = model.model.vision_tower
     return getattr(tower, "vision_model", tower).post_layernorm
@@ -214,6 +228,18 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision {precision!r} is not 'auto', 'bf16' or 'fp32'")
     return native_bf16(device) if precision == "auto" else precision == "bf16"
+
+
+def _due(step: int, steps: int, every: int) -> bool:
+    """Whether 0-based ``step`` ends a period of ``every`` steps (0: never) or the run."""
+    return bool(every) and ((step + 1) % every == 0 or step + 1 == steps)
+
+
+def add_precision_args(ap: argparse.ArgumentParser) -> None:
+    """``--precision auto|bf16|fp32`` and its older spelling ``--no-bf16`` (= fp32), both into ``precision``."""
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="bf16 autocast or float32 (auto: bf16 where the device computes it natively)")
+    ap.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32", help="same as --precision fp32")
 
 
 def train_stage(model, processor, geometry: str, steps: int, batch_size: int, lr: float, seed: int,
@@ -258,18 +284,11 @@ def train_stage(model, processor, geometry: str, steps: int, batch_size: int, lr
                 loss = loss_lm
                 parts = {"lm": float(loss_lm.detach())}
                 if heads is not None:
-                    vis = store["out"]
-                    feat = vis.hidden_states[model.config.vision_feature_layer][:, 1:]
-                    lp = F.cross_entropy(heads.patch(feat).flatten(0, 1).float(), aux["patch_labels"].flatten())
-                    # LLaVA overwrites pooler_output with the projected features: pool the CLS token here
-                    cls = _post_ln(model)(vis.last_hidden_state[:, 0])
-                    lpres = F.binary_cross_entropy_with_logits(heads.present(cls).float(), aux["present"])
-                    lcnt = F.cross_entropy(heads.count(cls).float(), aux["n_objects"])
+                    laux, aux_parts = vision_losses(model, heads, store["out"], aux)
                     lg = grounding_loss(model, qk, batch["input_ids"], batch["attention_mask"], aux["answer_at"],
                                         aux["ground"])
-                    loss = loss + aux_weight * (lp + lpres + lcnt) + ground_weight * lg
-                    parts.update(patch=float(lp.detach()), present=float(lpres.detach()), count=float(lcnt.detach()),
-                                 ground=float(lg.detach()))
+                    loss = loss + aux_weight * laux + ground_weight * lg
+                    parts.update(aux_parts, ground=float(lg.detach()))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -277,8 +296,8 @@ def train_stage(model, processor, geometry: str, steps: int, batch_size: int, lr
             window.append(parts)
             if bar is not None:
                 bar.update(1)
-            due = eval_fn is not None and bool(eval_every) and ((step + 1) % eval_every == 0 or step + 1 == steps)
-            if (step + 1) % 50 == 0 or step + 1 == steps or due:
+            due = eval_fn is not None and _due(step, steps, eval_every)
+            if _due(step, steps, 50) or due:
                 mean = {k: round(float(np.mean([w[k] for w in window])), 4) for k in window[0]}
                 rec = dict(step=step + 1, seconds=round(time.time() - t0, 1), lr=opt.param_groups[0]["lr"], **mean)
                 window = []
@@ -331,20 +350,10 @@ def vision_batch(processor, batch_size: int, seed: int, step: int) -> dict:
                                  need_small=bool(rng.random() < 0.5)))
     px = processor.image_processor([render(s) for s in scenes], return_tensors="pt")["pixel_values"]
     present, counts = zip(*(scene_targets(s) for s in scenes))
-    return dict(pixel_values=px, patch_labels=torch.from_numpy(np.stack([patch_labels(s).reshape(-1) for s in scenes])),
-                present=torch.from_numpy(np.stack(present)), n_objects=torch.tensor(counts))
+    return dict(pixel_values=px, patch_labels=patch_targets(scenes), present=torch.from_numpy(np.stack(present)),
+                n_objects=torch.tensor(counts))
 
 
-def vision_losses(model, heads, batch) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    tower = model.model.vision_tower
-    vis = tower(batch["pixel_values"], output_hidden_states=True)
-    logits = heads.patch(vis.hidden_states[model.config.vision_feature_layer][:, 1:])
-    lp = F.cross_entropy(logits.flatten(0, 1).float(), batch["patch_labels"].flatten())
-    cls = _post_ln(model)(vis.last_hidden_state[:, 0])
-    lpres = F.binary_cross_entropy_with_logits(heads.present(cls).float(), batch["present"])
-    lcnt = F.cross_entropy(heads.count(cls).float(), batch["n_objects"])
-    parts = dict(patch=float(lp.detach()), present=float(lpres.detach()), count=float(lcnt.detach()))
-    return lp + lpres + lcnt, parts, logits
 
 
 def train_vision(model, processor, heads, steps: int, batch_size: int, lr: float, seed: int, device: torch.device,
@@ -352,7 +361,7 @@ def train_vision(model, processor, heads, steps: int, batch_size: int, lr: float
     """Stage 0: the vision tower alone on the dense auxiliary targets (patch classes, object kinds present, object
     count), the stand-in for CLIP pre-training; much cheaper per image than the joint stage. Every
     ``eval_every`` steps the patch heads are scored on 32 validation scenes (``probe._scores``)."""
-    from .probe import _scores, scene_batch
+    from .probe import _scores, scene_batch, tower_features
 
     torch.manual_seed(seed)
     model.to(device).train()
@@ -360,31 +369,30 @@ def train_vision(model, processor, heads, steps: int, batch_size: int, lr: float
     params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
     val_scenes = scene_batch("validation", 0, 32)
-    val_px = processor.image_processor([render(s) for s in val_scenes], return_tensors="pt")["pixel_values"]
-    val_lab = torch.from_numpy(np.stack([patch_labels(s).reshape(-1) for s in val_scenes])).flatten()
+    val_lab = patch_targets(val_scenes).flatten()
+    val_features = tower_features(model, processor, batch_size=32)
     history, window, t0 = [], [], time.time()
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, max(1, steps // 20))
         batch = {k: v.to(device) for k, v in vision_batch(processor, batch_size, seed, step).items()}
         with _autocast(device, bf16):
-            loss, parts, _ = vision_losses(model, heads, batch)
+            vis = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
+            loss, parts = vision_losses(model, heads, vis, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         window.append(parts)
-        due = bool(eval_every) and ((step + 1) % eval_every == 0 or step + 1 == steps)
-        if (step + 1) % 25 == 0 or step + 1 == steps or due:
+        due = _due(step, steps, eval_every)
+        if _due(step, steps, 25) or due:
             rec = dict(stage="vision", step=step + 1, seconds=round(time.time() - t0, 1), lr=opt.param_groups[0]["lr"],
                        **{k: round(float(np.mean([w[k] for w in window])), 4) for k in window[0]})
             window = []
             if due:
                 model.eval()
                 with torch.no_grad(), _autocast(device, bf16):
-                    tower = model.model.vision_tower
-                    hs = tower(val_px.to(device), output_hidden_states=True).hidden_states
-                    pred = heads.patch(hs[model.config.vision_feature_layer][:, 1:]).argmax(-1).flatten().cpu()
+                    pred = heads.patch(val_features(val_scenes).to(device)).argmax(-1).flatten().cpu()
                 rec["patches"] = {k: v for k, v in _scores(pred, val_lab).items() if k != "patches"}
                 model.train()
             history.append(rec)
@@ -411,9 +419,7 @@ def main(argv=None) -> int:
                     help="stage A trains projector and decoder only (use after --vision-steps)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                    help="bf16 autocast or float32 (auto: bf16 where the device computes it natively)")
-    ap.add_argument("--no-bf16", action="store_true", help="same as --precision fp32")
+    add_precision_args(ap)
     ap.add_argument("--workers", type=int, default=-1, help="data workers (-1: 0 on CPU, 8 on CUDA)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: all cores)")
     ap.add_argument("--eval-n", type=int, default=120, help="validation samples at the end of each stage")
@@ -427,7 +433,7 @@ def main(argv=None) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
-    bf16 = use_bf16("fp32" if args.no_bf16 else args.precision, device)
+    bf16 = use_bf16(args.precision, device)
     workers = args.workers if args.workers >= 0 else (8 if device.type == "cuda" else 0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

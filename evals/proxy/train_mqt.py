@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import model as pm
-from .train import _autocast, lr_at, make_batch, use_bf16
+from .train import _autocast, add_precision_args, lr_at, make_batch, use_bf16
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "weights" / "llava-mqt-proxy"
 
@@ -107,9 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                    help="bf16 autocast or float32 (auto: bf16 where the device computes it natively)")
-    ap.add_argument("--no-bf16", action="store_true", help="same as --precision fp32")
+    add_precision_args(ap)
     args = ap.parse_args(argv)
 
     from vlprune.methods.mqt import MQTHost, MQTProjector, save_mqt
@@ -120,7 +118,7 @@ def main(argv=None) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
-    bf16 = use_bf16("fp32" if args.no_bf16 else args.precision, device)
+    bf16 = use_bf16(args.precision, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logf = open(out / "train.log", "w")
