@@ -87,7 +87,8 @@ FIXED = [split_seed("test", i) for i in (0, 1, 4, 10, 12, 13, 15, 27, 29, 41, 14
 def test_vision_stage_then_frozen_tower(tmp_path):
     from evals.proxy.train import main
 
-    rc = main(["--out", str(tmp_path), "--vision-steps", "2", "--vision-batch-size", "1", "--freeze-vision",
+    rc = main(["--out", str(tmp_path), "--vision-steps", "2", "--vision-batch-size", "3", "--teacher-steps", "1",
+               "--freeze-vision",
                "--steps", "1", "--batch-size", "1", "--turns", "2", "--next-steps", "0", "--eval-n", "0",
                "--device", "cpu", "--precision", "fp32"])
     assert rc == 0
@@ -95,7 +96,8 @@ def test_vision_stage_then_frozen_tower(tmp_path):
     assert meta["bf16"] is False and meta["args"]["freeze_vision"] is True
     last = meta["vision_stage"]["history"][-1]
     assert last["step"] == 2 and set(last["patches"]) >= {"background", "object", "shape", "digit"}
-    assert all(torch.isfinite(torch.tensor(last[k])) for k in ("patch", "present", "count"))
+    assert all(torch.isfinite(torch.tensor(last[k])) for k in ("patch", "present", "distill"))
+    assert any('"stage": "teacher"' in line for line in (tmp_path / "train.log").read_text().splitlines())
 
 
 def test_sincos_positions_are_local():

@@ -61,10 +61,13 @@ def test_card_shows_the_probe_and_the_stages_that_ran():
                "shape_inner": 0.16, "digit": 0.041, "sign": 0.63, "train_scenes": 256, "eval_scenes": 64}
     report = {"vocab_size": 154, "test": res, "random64": res, "fresh": res, "probe": probe_r}
     staged = {"command": "python -m evals.proxy.train --vision-steps 100", "stage": "A", "seconds": 1200,
-              "args": {"seed": 0, "vision_steps": 100, "vision_batch_size": 16, "freeze_vision": True, "turns": 16},
+              "args": {"seed": 0, "vision_steps": 100, "vision_batch_size": 96, "crop": [6, 24], "teacher_steps": 40,
+                       "freeze_vision": True, "turns": 16},
               "vision_stage": {"seconds": 600.0, "history": []}, "history": []}
     text = card("llava", staged, report)
-    assert "Stage 0 trains the vision tower alone (100 steps of 16 scenes, 10.0 min)" in text
+    assert ("Stage 0 trains the vision tower alone (100 steps, 96 crops of 6x6 patches or as many tokens of crops "
+            "of 6x6 / 24x24 patches in turn, 24x24 being the whole scene; 10.0 min)") in text
+    assert "CNN teacher trained first (40 steps)" in text
     assert "the projector and the decoder, the tower frozen" in text and "Stages 0 and A took 20.0 min" in text
     assert "| 97.0 | 20.0 | 99.8 | 19.5 | 20.0 | 16.0 | 4.1 | 63.0 |" in text
     joint = {"command": "python -m evals.proxy.train", "stage": "A", "seconds": 1200, "args": {"seed": 0},

@@ -66,12 +66,20 @@ def _recipe(geometry: str, training: dict) -> str:
     text = ""
     if vstage or args.get("vision_steps"):
         vs = vstage or {}
-        text += (f"Stage 0 trains the vision tower alone ({args.get('vision_steps')} steps of "
-                 f"{args.get('vision_batch_size')} scenes, {vs.get('seconds', 0) / 60:.1f} min), its position "
-                 "embeddings initialised to a 2-D sin-cos grid, on the auxiliary targets that stand in for CLIP "
-                 "pre-training: per-patch class of the feature layer's tokens (background, 30 object kinds, 10 "
-                 "digits, sign plate), and object-kind presence and object count from the final CLS token (these "
-                 "heads are discarded). ")
+        teacher = args.get("teacher_steps")
+        sides = args.get("crop", [6])
+        sides = [sides] if isinstance(sides, int) else sides
+        shown = " / ".join(f"{x}x{x}" for x in sides)
+        text += (f"Stage 0 trains the vision tower alone ({args.get('vision_steps')} steps, "
+                 f"{args.get('vision_batch_size')} crops of {sides[0]}x{sides[0]} patches or as many tokens of "
+                 f"crops of {shown} patches in turn, 24x24 being the whole scene; "
+                 f"{vs.get('seconds', 0) / 60:.1f} min) on patch-aligned crops around the scenes' signs and objects, "
+                 "each crop keeping the position embeddings of its place in the full grid, from a 2-D sin-cos "
+                 "position init and a mimetic attention init, on the targets that stand in for CLIP pre-training: "
+                 "per-patch class of the feature layer's tokens (background, 30 object kinds, 10 digits, sign "
+                 "plate) and the object kinds present from the final CLS token"
+                 + (f", plus regression of the features of a small CNN teacher trained first ({teacher} steps)"
+                    if teacher else "") + " (heads discarded). ")
         frozen = args.get("freeze_vision")
         text += ("Stage A then trains " + ("the projector and the decoder, the tower frozen, " if frozen else
                                           "every weight ") + "on multi-turn conversations (up to "

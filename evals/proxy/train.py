@@ -10,10 +10,10 @@ Stage A (LLaVA-1.5 geometry, every weight trained jointly, from random initialis
   there are. The heads are discarded after training; they make the CLS token's attention meaningful, as CLS-based
   pruning methods assume.
 
-Stage 0 (optional, ``--vision-steps N``; not part of the shipped recipe): the vision tower alone on the same
-dense targets, its position embeddings first set to a 2-D sin-cos grid, before stage A; with ``--freeze-vision``
-stage A then trains the projector and decoder only. ``python -m evals.proxy.probe`` measures what the tower's
-patch tokens carry afterwards.
+Stage 0 (optional, ``--vision-steps N``; not part of the shipped recipe): the vision tower alone on patch-aligned
+crops of scenes (``pretrain``: sin-cos position init, mimetic attention init, optionally a CNN teacher with
+``--teacher-steps``), before stage A; with ``--freeze-vision`` stage A then trains the projector and decoder only.
+``python -m evals.proxy.probe`` measures what the tower's patch tokens carry afterwards.
 
 Stage B (LLaVA-NeXT geometry): the trained towers are copied into ``LlavaNextForConditionalGeneration`` and the
 projector, decoder and ``image_newline`` are fine-tuned on 672x336 / 336x672 scenes with the vision tower frozen.
@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from . import model as pm
-from .probe import patch_targets
 from .scenes import (COMBOS, N_PATCH_CLASSES, make_scene, patch_labels, ref_patches, render, scene_targets,
                      train_turns)
 
@@ -235,6 +234,18 @@ def _due(step: int, steps: int, every: int) -> bool:
     return bool(every) and ((step + 1) % every == 0 or step + 1 == steps)
 
 
+def _sides(text: str) -> list[int]:
+    """``--crop``: comma-separated crop sides, each 1..24 patches."""
+    try:
+        sides = [int(x) for x in text.split(",")]
+    except ValueError:
+        sides = []
+    if not sides or not all(1 <= s <= 24 for s in sides):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of crop sides in 1..24 patches "
+                                         f"(for example 6,12,24)")
+    return sides
+
+
 def add_precision_args(ap: argparse.ArgumentParser) -> None:
     """``--precision auto|bf16|fp32`` and its older spelling ``--no-bf16`` (= fp32), both into ``precision``."""
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -284,11 +295,14 @@ def train_stage(model, processor, geometry: str, steps: int, batch_size: int, lr
                 loss = loss_lm
                 parts = {"lm": float(loss_lm.detach())}
                 if heads is not None:
-                    laux, aux_parts = vision_losses(model, heads, store["out"], aux)
+                    if not freeze_vision:           # a frozen tower gains nothing from its auxiliary losses
+                        laux, aux_parts = vision_losses(model, heads, store["out"], aux)
+                        loss = loss + aux_weight * laux
+                        parts.update(aux_parts)
                     lg = grounding_loss(model, qk, batch["input_ids"], batch["attention_mask"], aux["answer_at"],
                                         aux["ground"])
-                    loss = loss + aux_weight * laux + ground_weight * lg
-                    parts.update(aux_parts, ground=float(lg.detach()))
+                    loss = loss + ground_weight * lg
+                    parts.update(ground=float(lg.detach()))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -340,65 +354,6 @@ def sincos_positions(model) -> None:
         w[0] = 0
 
 
-def vision_batch(processor, batch_size: int, seed: int, step: int) -> dict:
-    """Scenes alone (no questions) for the vision stage, from the train split; a pure function of (seed, step)."""
-    scenes = []
-    for j in range(batch_size):
-        sseed = ((seed * 1_000_003 + step) * 64 + j + 50_000_000) % 100_000_000
-        rng = np.random.default_rng([sseed, 5])
-        scenes.append(make_scene(sseed, "llava", need_sign=bool(rng.random() < 0.5),
-                                 need_small=bool(rng.random() < 0.5)))
-    px = processor.image_processor([render(s) for s in scenes], return_tensors="pt")["pixel_values"]
-    present, counts = zip(*(scene_targets(s) for s in scenes))
-    return dict(pixel_values=px, patch_labels=patch_targets(scenes), present=torch.from_numpy(np.stack(present)),
-                n_objects=torch.tensor(counts))
-
-
-
-
-def train_vision(model, processor, heads, steps: int, batch_size: int, lr: float, seed: int, device: torch.device,
-                 bf16: bool, log, eval_every: int = 0) -> list[dict]:
-    """Stage 0: the vision tower alone on the dense auxiliary targets (patch classes, object kinds present, object
-    count), the stand-in for CLIP pre-training; much cheaper per image than the joint stage. Every
-    ``eval_every`` steps the patch heads are scored on 32 validation scenes (``probe._scores``)."""
-    from .probe import _scores, scene_batch, tower_features
-
-    torch.manual_seed(seed)
-    model.to(device).train()
-    heads.to(device).train()
-    params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
-    val_scenes = scene_batch("validation", 0, 32)
-    val_lab = patch_targets(val_scenes).flatten()
-    val_features = tower_features(model, processor, batch_size=32)
-    history, window, t0 = [], [], time.time()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, max(1, steps // 20))
-        batch = {k: v.to(device) for k, v in vision_batch(processor, batch_size, seed, step).items()}
-        with _autocast(device, bf16):
-            vis = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
-            loss, parts = vision_losses(model, heads, vis, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        window.append(parts)
-        due = _due(step, steps, eval_every)
-        if _due(step, steps, 25) or due:
-            rec = dict(stage="vision", step=step + 1, seconds=round(time.time() - t0, 1), lr=opt.param_groups[0]["lr"],
-                       **{k: round(float(np.mean([w[k] for w in window])), 4) for k in window[0]})
-            window = []
-            if due:
-                model.eval()
-                with torch.no_grad(), _autocast(device, bf16):
-                    pred = heads.patch(val_features(val_scenes).to(device)).argmax(-1).flatten().cpu()
-                rec["patches"] = {k: v for k, v in _scores(pred, val_lab).items() if k != "patches"}
-                model.train()
-            history.append(rec)
-            log(json.dumps(rec))
-    return history
-
 
 # -------------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
@@ -412,9 +367,13 @@ def main(argv=None) -> int:
     ap.add_argument("--next-batch-size", type=int, default=2)
     ap.add_argument("--next-lr", type=float, default=2e-4)
     ap.add_argument("--vision-steps", type=int, default=0,
-                    help="stage 0: vision tower alone on the dense targets first (0: none, the shipped recipe)")
-    ap.add_argument("--vision-batch-size", type=int, default=16)
+                    help="stage 0: vision tower alone on crops first (0: none, the shipped recipe)")
+    ap.add_argument("--vision-batch-size", type=int, default=96, help="stage 0 crops per step")
     ap.add_argument("--vision-lr", type=float, default=2e-3)
+    ap.add_argument("--crop", default=[6], type=_sides, help="stage 0 crop sides in patches, comma-separated, taken in turn "
+                    "(24: whole scenes); --vision-batch-size counts crops of the first")
+    ap.add_argument("--teacher-steps", type=int, default=0,
+                    help="stage 0 CNN teacher steps before the tower (0: no teacher, no distillation)")
     ap.add_argument("--freeze-vision", action="store_true",
                     help="stage A trains projector and decoder only (use after --vision-steps)")
     ap.add_argument("--seed", type=int, default=0)
@@ -463,9 +422,16 @@ def main(argv=None) -> int:
     heads = AuxHeads(model.config.vision_config.hidden_size)
     hist_v = []
     if args.vision_steps:
+        from .pretrain import mimetic_init, train_teacher, train_vision
+
         sincos_positions(model)
+        mimetic_init(model.model.vision_tower, seed=args.seed)
+        sides = args.crop
+        teacher = (train_teacher(args.teacher_steps, args.vision_batch_size, args.seed, device, sides[0], log=log)
+                   if args.teacher_steps else None)
         hist_v = train_vision(model, proc, heads, args.vision_steps, args.vision_batch_size, args.vision_lr,
-                              args.seed, device, bf16, log, eval_every=max(25, args.vision_steps // 8 // 25 * 25))
+                              args.seed, device, log, eval_every=max(25, args.vision_steps // 6 // 25 * 25),
+                              sides=sides, teacher=teacher)
     time_v = time.time() - t0
     hist_a = train_stage(model, proc, "llava", args.steps, args.batch_size, args.lr, args.seed, device,
                          bf16, workers, args.turns, log, eval_every=args.eval_every,
