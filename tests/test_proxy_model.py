@@ -99,6 +99,31 @@ def test_vision_stage_then_frozen_tower(tmp_path):
     assert all(torch.isfinite(torch.tensor(last[k])) for k in ("patch", "present", "distill"))
     assert any('"stage": "teacher"' in line for line in (tmp_path / "train.log").read_text().splitlines())
 
+    # a second run starts stage A from the first run's (frozen, hence unchanged) tower instead of a stage 0
+    from safetensors.torch import load_file
+
+    again = tmp_path / "again"
+    rc = main(["--out", str(again), "--vision-from", str(tmp_path / "llava-proxy"), "--freeze-vision", "--seed", "1",
+               "--steps", "1", "--batch-size", "1", "--turns", "2", "--next-steps", "0", "--eval-n", "0",
+               "--device", "cpu", "--precision", "fp32"])
+    assert rc == 0
+    first, second = (load_file(str(d / "llava-proxy" / "model.safetensors")) for d in (tmp_path, again))
+    tower = [k for k in first if "vision_tower." in k]
+    assert tower and all(torch.equal(first[k], second[k]) for k in tower)
+    assert any(not torch.equal(first[k], second[k]) for k in first if "language_model" in k)
+    meta = json.loads((again / "llava-proxy" / "training.json").read_text())
+    assert meta["args"]["vision_from"] == str(tmp_path / "llava-proxy") and meta["vision_stage"] is None
+
+
+def test_vision_from_errors(tmp_path):
+    from evals.proxy.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--vision-from", str(tmp_path), "--vision-steps", "2"])
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        main(["--out", str(tmp_path), "--vision-from", str(tmp_path / "nowhere"), "--steps", "1", "--eval-n", "0",
+              "--next-steps", "0", "--device", "cpu"])
+
 
 def test_sincos_positions_are_local():
     from evals.proxy.model import build_model

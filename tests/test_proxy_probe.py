@@ -75,3 +75,7 @@ def test_card_shows_the_probe_and_the_stages_that_ran():
     text = card("llava", joint, {k: v for k, v in report.items() if k != "probe"})
     assert "Stage 0" not in text and "trains every weight jointly" in text
     assert "What the visual tokens carry" not in text
+    reused = dict(joint, args={"seed": 0, "vision_from": "/runs/v2/llava-proxy", "freeze_vision": True})
+    text = card("llava", reused, report)
+    assert ("Stage A starts from the vision tower of the checkpoint `/runs/v2/llava-proxy` and trains the projector "
+            "and the decoder, the tower frozen") in text and "Stage 0" not in text

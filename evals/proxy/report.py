@@ -84,6 +84,11 @@ def _recipe(geometry: str, training: dict) -> str:
         text += ("Stage A then trains " + ("the projector and the decoder, the tower frozen, " if frozen else
                                           "every weight ") + "on multi-turn conversations (up to "
                  f"{args.get('turns', 16)} questions per scene, answers supervised). ")
+    elif args.get("vision_from"):
+        text += (f"Stage A starts from the vision tower of the checkpoint `{args['vision_from']}` and trains "
+                 + ("the projector and the decoder, the tower frozen, " if args.get("freeze_vision") else
+                    "every weight ") + f"on multi-turn conversations (up to {args.get('turns', 16)} questions per "
+                 "scene, answers supervised). ")
     else:
         text += (f"Stage A trains every weight jointly from random initialisation on multi-turn conversations (up "
                  f"to {args.get('turns', 16)} questions per scene, answers supervised), with auxiliary vision "

@@ -13,6 +13,8 @@ Stage A (LLaVA-1.5 geometry, every weight trained jointly, from random initialis
 Stage 0 (optional, ``--vision-steps N``; not part of the shipped recipe): the vision tower alone on patch-aligned
 crops of scenes (``pretrain``: sin-cos position init, mimetic attention init, optionally a CNN teacher with
 ``--teacher-steps``), before stage A; with ``--freeze-vision`` stage A then trains the projector and decoder only.
+``--vision-from FOLDER`` starts stage A from the tower of a saved checkpoint instead (a stage-0 tower is kept, frozen,
+in the llava-proxy/ folder of a ``--vision-steps N --freeze-vision`` run).
 ``python -m evals.proxy.probe`` measures what the tower's patch tokens carry afterwards.
 
 Stage B (LLaVA-NeXT geometry): the trained towers are copied into ``LlavaNextForConditionalGeneration`` and the
@@ -355,6 +357,27 @@ def sincos_positions(model) -> None:
 
 
 
+def load_tower(model, folder) -> None:
+    """Copy the vision tower weights of the LLaVA checkpoint in ``folder`` into ``model`` (same tower config)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"--vision-from {folder}: no model.safetensors there; give a folder written by "
+                                "python -m evals.proxy.train (its llava-proxy/)")
+    state = {}
+    for k, v in load_file(str(path)).items():
+        head, sep, rest = k.partition("vision_tower.")
+        if sep and head in ("", "model."):
+            state[rest] = v
+    if not state:
+        raise ValueError(f"--vision-from {folder}: its model.safetensors holds no vision_tower.* weights; give a "
+                         "LLaVA proxy checkpoint")
+    tower = model.model.vision_tower
+    dtype = next(tower.parameters()).dtype
+    tower.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+
+
 # -------------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m evals.proxy.train", description=__doc__.split("\n")[0])
@@ -374,6 +397,9 @@ def main(argv=None) -> int:
                     "(24: whole scenes); --vision-batch-size counts crops of the first")
     ap.add_argument("--teacher-steps", type=int, default=0,
                     help="stage 0 CNN teacher steps before the tower (0: no teacher, no distillation)")
+    ap.add_argument("--vision-from", default=None, metavar="FOLDER",
+                    help="instead of stage 0, copy the vision tower of a saved LLaVA proxy (e.g. the llava-proxy/ "
+                    "folder a --vision-steps run wrote)")
     ap.add_argument("--freeze-vision", action="store_true",
                     help="stage A trains projector and decoder only (use after --vision-steps)")
     ap.add_argument("--seed", type=int, default=0)
@@ -385,6 +411,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=600)
     ap.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     args = ap.parse_args(argv)
+    if args.vision_from and args.vision_steps:
+        ap.error(f"--vision-from {args.vision_from} and --vision-steps {args.vision_steps} both set the vision tower; "
+                 "give one of them")
 
     from .evaluate import evaluate
 
@@ -432,6 +461,9 @@ def main(argv=None) -> int:
         hist_v = train_vision(model, proc, heads, args.vision_steps, args.vision_batch_size, args.vision_lr,
                               args.seed, device, log, eval_every=max(25, args.vision_steps // 6 // 25 * 25),
                               sides=sides, teacher=teacher)
+    elif args.vision_from:
+        load_tower(model, args.vision_from)
+        log(json.dumps({"vision_from": str(args.vision_from)}))
     time_v = time.time() - t0
     hist_a = train_stage(model, proc, "llava", args.steps, args.batch_size, args.lr, args.seed, device,
                          bf16, workers, args.turns, log, eval_every=args.eval_every,
