@@ -22,6 +22,7 @@ from .scenes import vocabulary
 __all__ = [
     "CHAT_TEMPLATE", "SPECIAL", "PINPOINTS", "CLIP_MEAN", "CLIP_STD", "VISION", "TEXT",
     "build_tokenizer", "build_processor", "build_config", "build_model", "next_from_llava", "prompt",
+    "vision_body",
 ]
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -119,6 +120,12 @@ def build_model(geometry: str = "llava", seed: int = 0):
         model = cls(cfg)
     model.set_attn_implementation("sdpa")
     return model
+
+
+def vision_body(tower):
+    """The ``CLIPVisionTransformer`` inside a LLaVA ``vision_tower`` (a ``CLIPVisionModel`` wraps it as
+    ``vision_model``; a bare transformer is returned as it is)."""
+    return getattr(tower, "vision_model", tower)
 
 
 def next_from_llava(llava_model, seed: int = 0):

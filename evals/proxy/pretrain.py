@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .model import vision_body
 from .scenes import COMBOS, N_PATCH_CLASSES, make_scene, patch_labels, render
 
 __all__ = ["crop_scene", "crop_batch", "crop_tokens", "mimetic_init", "PatchCNN", "train_teacher", "train_vision"]
@@ -95,15 +96,11 @@ def crop_batch(batch_size: int, seed: int, step: int, side: int = 6, per_scene: 
                 positions=torch.from_numpy(positions), present=torch.from_numpy(present))
 
 
-def _vision(tower):
-    return getattr(tower, "vision_model", tower)
-
-
 def crop_tokens(tower, pixel_values: torch.Tensor, positions: torch.Tensor, layers: int | None = None) -> list:
     """Hidden states of a ``CLIPVisionModel`` run on crops: ``[embeddings, layer 1, ..., layer layers]`` (CLS
     first in each), the patch tokens carrying the position embeddings of ``positions`` (indices into the full
     grid). Equal to the tower's own forward when the crop is the whole image and ``positions`` is 0..575."""
-    vm = _vision(tower)
+    vm = vision_body(tower)
     emb = vm.embeddings
     table = emb.position_embedding.weight
     if positions.shape[-1] != pixel_values.shape[-1] // PATCH * (pixel_values.shape[-2] // PATCH):
@@ -126,7 +123,7 @@ def mimetic_init(tower, seed: int = 0, qk: float = 0.7, vo: float = 0.4, noise: 
     layer, ``W_v^T W_o^T ~ vo Z - vo I`` (``Z`` Gaussian with variance 1/width), by rank-limited SVD factors.
     Biases are left as they are."""
     g = torch.Generator().manual_seed(seed)
-    for layer in _vision(tower).encoder.layers:
+    for layer in vision_body(tower).encoder.layers:
         at = layer.self_attn
         d = at.q_proj.weight.shape[1]
         heads = at.num_heads
@@ -214,12 +211,12 @@ def train_vision(model, processor, heads, steps: int, batch_size: int, lr: float
     tower = model.model.vision_tower
     width = model.config.vision_config.hidden_size
     feat_layer = model.config.vision_feature_layer
-    n_layers = len(_vision(tower).encoder.layers)
+    n_layers = len(vision_body(tower).encoder.layers)
     proj = torch.nn.Linear(width, width).to(device) if teacher is not None else None
     params = list(tower.parameters()) + list(heads.parameters()) + (list(proj.parameters()) if proj else [])
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
     weight = _class_weight(device)
-    post_ln = _vision(tower).post_layernorm
+    post_ln = vision_body(tower).post_layernorm
     val_scenes = scene_batch("validation", 0, 32)
     val_lab = patch_targets(val_scenes).flatten()
     val_features = tower_features(model, processor, batch_size=32)

@@ -64,6 +64,8 @@ def _recipe(geometry: str, training: dict) -> str:
     args = training.get("args", {})
     vstage = training.get("vision_stage")
     text = ""
+    trained = "the projector and the decoder, the tower frozen, " if args.get("freeze_vision") else "every weight "
+    convs = f"on multi-turn conversations (up to {args.get('turns', 16)} questions per scene, answers supervised)"
     if vstage or args.get("vision_steps"):
         vs = vstage or {}
         teacher = args.get("teacher_steps")
@@ -80,18 +82,12 @@ def _recipe(geometry: str, training: dict) -> str:
                  "plate) and the object kinds present from the final CLS token"
                  + (f", plus regression of the features of a small CNN teacher trained first ({teacher} steps)"
                     if teacher else "") + " (heads discarded). ")
-        frozen = args.get("freeze_vision")
-        text += ("Stage A then trains " + ("the projector and the decoder, the tower frozen, " if frozen else
-                                          "every weight ") + "on multi-turn conversations (up to "
-                 f"{args.get('turns', 16)} questions per scene, answers supervised). ")
+        text += "Stage A then trains " + trained + convs + ". "
     elif args.get("vision_from"):
         text += (f"Stage A starts from the vision tower of the checkpoint `{args['vision_from']}` and trains "
-                 + ("the projector and the decoder, the tower frozen, " if args.get("freeze_vision") else
-                    "every weight ") + f"on multi-turn conversations (up to {args.get('turns', 16)} questions per "
-                 "scene, answers supervised). ")
+                 + trained + convs + ". ")
     else:
-        text += (f"Stage A trains every weight jointly from random initialisation on multi-turn conversations (up "
-                 f"to {args.get('turns', 16)} questions per scene, answers supervised), with auxiliary vision "
+        text += ("Stage A trains every weight jointly from random initialisation " + convs + ", with auxiliary vision "
                  "losses standing in for CLIP pre-training: per-patch class of the feature layer's tokens, and "
                  "object-kind presence and object count from the final CLS token (these heads are discarded). ")
     text += ("A grounding loss trains one decoder attention head (layer 4 of 8, head 0), from the position that "

@@ -197,8 +197,7 @@ def vision_losses(model, heads, vis, targets) -> tuple[torch.Tensor, dict]:
 
 
 def _post_ln(model):
-    tower = model.model.vision_tower
-    return getattr(tower, "vision_model", tower).post_layernorm
+    return pm.vision_body(model.model.vision_tower).post_layernorm
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -339,8 +338,7 @@ def sincos_positions(model) -> None:
     """Set the vision tower's learned position embeddings to a 2-D sin-cos grid (half the width for rows, half
     for columns; the CLS row zero). A starting point that already tells neighbouring patches apart: learned from
     random values, locality is what a small ViT trained on little data picks up last."""
-    emb = model.model.vision_tower
-    emb = getattr(emb, "vision_model", emb).embeddings
+    emb = pm.vision_body(model.model.vision_tower).embeddings
     w = emb.position_embedding.weight
     side = int(round(math.sqrt(w.shape[0] - 1)))
     if side * side != w.shape[0] - 1 or w.shape[1] % 4:
