@@ -104,7 +104,7 @@ def test_vision_stage_then_frozen_tower(tmp_path):
 
     again = tmp_path / "again"
     rc = main(["--out", str(again), "--vision-from", str(tmp_path / "llava-proxy"), "--freeze-vision", "--seed", "1",
-               "--steps", "1", "--batch-size", "1", "--turns", "2", "--next-steps", "0", "--eval-n", "0",
+               "--embed-std", "0.3", "--steps", "1", "--batch-size", "1", "--turns", "2", "--next-steps", "0", "--eval-n", "0",
                "--device", "cpu", "--precision", "fp32"])
     assert rc == 0
     first, second = (load_file(str(d / "llava-proxy" / "model.safetensors")) for d in (tmp_path, again))
@@ -113,13 +113,21 @@ def test_vision_stage_then_frozen_tower(tmp_path):
     assert any(not torch.equal(first[k], second[k]) for k in first if "language_model" in k)
     meta = json.loads((again / "llava-proxy" / "training.json").read_text())
     assert meta["args"]["vision_from"] == str(tmp_path / "llava-proxy") and meta["vision_stage"] is None
+    emb = second["language_model.model.embed_tokens.weight"].float()
+    assert abs(float(emb.std()) - 0.3) < 0.03                  # redrawn (one step of lr 6e-4 barely moves it)
+    from evals.proxy.report import _recipe
+
+    assert "token embeddings start from N(0, 0.3^2)" in _recipe("llava", meta)
 
 
-def test_vision_from_errors(tmp_path):
+def test_vision_from_errors(tmp_path, capsys):
     from evals.proxy.train import main
 
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--vision-from", str(tmp_path), "--vision-steps", "2"])
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--embed-std", "-1"])
+    assert "--embed-std -1.0 is negative" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         main(["--out", str(tmp_path), "--vision-from", str(tmp_path / "nowhere"), "--steps", "1", "--eval-n", "0",
               "--next-steps", "0", "--device", "cpu"])

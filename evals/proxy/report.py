@@ -90,6 +90,8 @@ def _recipe(geometry: str, training: dict) -> str:
         text += ("Stage A trains every weight jointly from random initialisation " + convs + ", with auxiliary vision "
                  "losses standing in for CLIP pre-training: per-patch class of the feature layer's tokens, and "
                  "object-kind presence and object count from the final CLS token (these heads are discarded). ")
+    if args.get("embed_std"):
+        text += f"The decoder's token embeddings start from N(0, {args['embed_std']}^2) instead of the config's init. "
     text += ("A grounding loss trains one decoder attention head (layer 4 of 8, head 0), from the position that "
              "predicts each answer, to attend to the patches of the objects the question is about; methods that "
              "score visual tokens by decoder attention may therefore find a cleaner signal in this model than in a "

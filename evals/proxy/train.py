@@ -15,7 +15,9 @@ crops of scenes (``pretrain``: sin-cos position init, mimetic attention init, op
 ``--teacher-steps``), before stage A; with ``--freeze-vision`` stage A then trains the projector and decoder only.
 ``--vision-from FOLDER`` starts stage A from the tower of a saved checkpoint instead (a stage-0 tower is kept, frozen,
 in the llava-proxy/ folder of a ``--vision-steps N --freeze-vision`` run).
-``python -m evals.proxy.probe`` measures what the tower's patch tokens carry afterwards.
+``python -m evals.proxy.probe`` measures what the tower's patch tokens carry afterwards, and
+``python -m evals.proxy.oracle`` what the decoder recipe reaches from perfect patch features.
+``--embed-std S`` redraws the decoder's token embeddings from N(0, S^2) before stage A.
 
 Stage B (LLaVA-NeXT geometry): the trained towers are copied into ``LlavaNextForConditionalGeneration`` and the
 projector, decoder and ``image_newline`` are fine-tuned on 672x336 / 336x672 scenes with the vision tower frozen.
@@ -355,6 +357,14 @@ def sincos_positions(model) -> None:
 
 
 
+def redraw_embeddings(model, std: float, seed: int = 2) -> None:
+    """Redraw the decoder's input token embeddings from N(0, std^2) (a private RNG stream seeded by ``seed``)."""
+    if not std > 0:
+        raise ValueError(f"embedding std {std!r} must be positive (--embed-std 0 keeps the config's init)")
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight.normal_(0, std, generator=torch.Generator().manual_seed(seed))
+
+
 def load_tower(model, folder) -> None:
     """Copy the vision tower weights of the LLaVA checkpoint in ``folder`` into ``model`` (same tower config)."""
     from safetensors.torch import load_file
@@ -400,6 +410,9 @@ def main(argv=None) -> int:
                     "folder a --vision-steps run wrote)")
     ap.add_argument("--freeze-vision", action="store_true",
                     help="stage A trains projector and decoder only (use after --vision-steps)")
+    ap.add_argument("--embed-std", type=float, default=0.0,
+                    help="redraw the decoder's token embeddings from N(0, std^2) before stage A (0: the config's "
+                    "init, std 0.02)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     add_precision_args(ap)
@@ -409,6 +422,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=600)
     ap.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     args = ap.parse_args(argv)
+    if args.embed_std < 0:
+        ap.error(f"--embed-std {args.embed_std} is negative; give a standard deviation > 0, or 0 for the config's init")
     if args.vision_from and args.vision_steps:
         ap.error(f"--vision-from {args.vision_from} and --vision-steps {args.vision_steps} both set the vision tower; "
                  "give one of them")
@@ -462,6 +477,8 @@ def main(argv=None) -> int:
     elif args.vision_from:
         load_tower(model, args.vision_from)
         log(json.dumps({"vision_from": str(args.vision_from)}))
+    if args.embed_std:
+        redraw_embeddings(model, args.embed_std)
     time_v = time.time() - t0
     hist_a = train_stage(model, proc, "llava", args.steps, args.batch_size, args.lr, args.seed, device,
                          bf16, workers, args.turns, log, eval_every=args.eval_every,

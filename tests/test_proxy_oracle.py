@@ -1,0 +1,76 @@
+"""The oracle-feature diagnostic (evals.proxy.oracle): the projector reads true patch classes, not the tower."""
+import numpy as np
+import pytest
+import torch
+
+from evals.proxy import model as pm
+from evals.proxy import train as T
+from evals.proxy.evaluate import samples
+from evals.proxy.oracle import OracleFeatures, main
+from evals.proxy.train import redraw_embeddings
+from evals.proxy.scenes import patch_labels, render
+
+
+def _inputs(proc, scenes):
+    return proc(images=[render(s) for s in scenes], text=[pm.prompt("how many objects are there ?")] * len(scenes),
+                return_tensors="pt", padding=True)
+
+
+def test_oracle_replaces_the_tower_features():
+    model = pm.build_model("llava", seed=0).eval()
+    proc = pm.build_processor("llava")
+    a, b = [s.scene for s in samples("validation", 2)]
+    labels_a = torch.from_numpy(patch_labels(a).reshape(1, -1))
+    with torch.no_grad():
+        plain_a = model(**_inputs(proc, [a])).logits
+        oracle = OracleFeatures(model)
+        oracle.set(labels_a)
+        with_a = model(**_inputs(proc, [a])).logits
+        b_pixels_a_labels = model(**_inputs(proc, [b])).logits        # another image, the same labels
+        oracle.set(torch.from_numpy(patch_labels(b).reshape(1, -1)))
+        with_b = model(**_inputs(proc, [b])).logits
+        oracle.remove()
+        again = model(**_inputs(proc, [a])).logits
+    assert not torch.allclose(plain_a, with_a, atol=1e-4)                # the tower's features no longer reach it
+    torch.testing.assert_close(with_a, b_pixels_a_labels)               # pixels do not matter, labels do
+    assert not torch.allclose(with_a, with_b, atol=1e-4)
+    torch.testing.assert_close(again, plain_a)                          # remove() restores the model
+    # the features are the documented map of one-hot class and sin-cos position
+    f = oracle.features(labels_a)
+    assert f.shape == (1, 576, 192)
+    onehot = torch.nn.functional.one_hot(labels_a.long(), 42).float() * 2
+    torch.testing.assert_close(f, torch.cat([onehot, oracle.positions[None]], -1) @ oracle.map)
+
+
+def test_oracle_errors_name_the_problem():
+    model = pm.build_model("llava", seed=0).eval()
+    proc = pm.build_processor("llava")
+    scene = samples("validation", 1)[0].scene
+    oracle = OracleFeatures(model)
+    with pytest.raises(RuntimeError, match="no patch labels"):
+        model(**_inputs(proc, [scene]))
+    oracle.set(torch.zeros(2, 576, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels \(2, 576\) do not match"):
+        model(**_inputs(proc, [scene]))
+    with pytest.raises(ValueError, match="must be positive"):
+        redraw_embeddings(model, 0.0)
+
+
+def test_redraw_embeddings_sets_their_scale():
+    model = pm.build_model("llava", seed=0)
+    w = model.model.language_model.embed_tokens.weight
+    assert float(w.detach().std()) < 0.05
+    redraw_embeddings(model, 0.5)
+    assert abs(float(w.detach().std()) - 0.5) < 0.02
+
+
+def test_one_step_of_oracle_training_runs_and_restores_make_batch(tmp_path, capsys):
+    original = T.make_batch
+    assert main(["--steps", "1", "--batch-size", "1", "--turns", "2", "--eval-n", "0", "--embed-std", "0.1",
+                 "--log", str(tmp_path / "log")]) == 0
+    assert T.make_batch is original
+    lines = (tmp_path / "log").read_text().splitlines()
+    assert '"embed_std": 0.1' in lines[0] and '"step": 1' in lines[-1] and '"lm"' in lines[-1]
+    with pytest.raises(SystemExit):
+        main(["--steps", "0"])
+    assert "--steps 0 must be at least 1" in capsys.readouterr().err
