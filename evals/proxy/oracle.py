@@ -16,12 +16,12 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import model as pm
+from . import train as T
 from .scenes import N_PATCH_CLASSES, patch_labels
 
 __all__ = ["OracleFeatures", "evaluate_oracle", "main"]
@@ -35,10 +35,7 @@ class OracleFeatures:
     def __init__(self, model, seed: int = 1, quarter: int = 12):
         grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
         width = model.config.vision_config.hidden_size
-        omega = 1.0 / (100.0 ** (torch.arange(quarter) / quarter))
-        r, c = torch.meshgrid(torch.arange(float(grid)), torch.arange(float(grid)), indexing="ij")
-        ar, ac = r.reshape(-1, 1) * omega, c.reshape(-1, 1) * omega
-        self.positions = torch.cat([ar.sin(), ar.cos(), ac.sin(), ac.cos()], 1)      # (grid^2, 4 quarter)
+        self.positions = T.sincos_grid(grid, quarter)                                    # (grid^2, 4 quarter)
         g = torch.Generator().manual_seed(seed)
         q, _ = torch.linalg.qr(torch.randn(width, N_PATCH_CLASSES + 4 * quarter, generator=g))
         self.map = q.T * math.sqrt(width / 8)
@@ -85,14 +82,12 @@ def evaluate_oracle(model, processor, oracle: OracleFeatures, n: int = 240, batc
 
 
 def main(argv=None) -> int:
-    from . import train as T
-
     ap = argparse.ArgumentParser(prog="python -m evals.proxy.oracle", description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=600, help="stage A optimizer steps")
     ap.add_argument("--batch-size", type=int, default=6)
     ap.add_argument("--turns", type=int, default=16)
     ap.add_argument("--lr", type=float, default=6e-4)
-    ap.add_argument("--embed-std", type=float, default=0.0, help="redraw token embeddings with this std (0: keep)")
+    T.add_embed_std_arg(ap)
     ap.add_argument("--eval-n", type=int, default=240, help="validation samples per evaluation")
     ap.add_argument("--eval-every", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
@@ -101,8 +96,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error(f"--steps {args.steps} must be at least 1")
-    if args.embed_std < 0:
-        ap.error(f"--embed-std {args.embed_std} is negative; give a standard deviation > 0, or 0 for the config's init")
     if args.threads:
         torch.set_num_threads(args.threads)
     logf = open(args.log, "a") if args.log else None
@@ -121,22 +114,12 @@ def main(argv=None) -> int:
     oracle = OracleFeatures(model)
     if args.embed_std:
         T.redraw_embeddings(model, args.embed_std)
-    original = T.make_batch
-
-    def make_batch(*a, **k):                 # the labels of each training batch reach the hook with its images
-        batch = original(*a, **k)
-        oracle.set(batch["patch_labels"])
-        return batch
-
-    T.make_batch = make_batch
-    try:
-        T.train_stage(model, proc, "llava", args.steps, args.batch_size, args.lr, args.seed, torch.device("cpu"),
-                      False, 0, args.turns, log, eval_every=args.eval_every,
-                      eval_fn=(lambda m: evaluate_oracle(m, proc, oracle, args.eval_n)) if args.eval_n else None,
-                      heads=T.AuxHeads(model.config.vision_config.hidden_size), freeze_vision=True)
-    finally:
-        T.make_batch = original
-        oracle.remove()
+    T.train_stage(model, proc, "llava", args.steps, args.batch_size, args.lr, args.seed, torch.device("cpu"),
+                  False, 0, args.turns, log, eval_every=args.eval_every,
+                  eval_fn=(lambda m: evaluate_oracle(m, proc, oracle, args.eval_n)) if args.eval_n else None,
+                  heads=T.AuxHeads(model.config.vision_config.hidden_size), freeze_vision=True,
+                  on_batch=lambda batch, aux: oracle.set(aux["patch_labels"]))
+    oracle.remove()
     return 0
 
 

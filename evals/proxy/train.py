@@ -249,6 +249,22 @@ def _sides(text: str) -> list[int]:
     return sides
 
 
+def _std(text: str) -> float:
+    """``--embed-std``: a standard deviation >= 0 (0: keep the config's init)."""
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--embed-std {value} is negative; give a standard deviation > 0, or 0 for "
+                                         "the config's init")
+    return value
+
+
+def add_embed_std_arg(ap: argparse.ArgumentParser) -> None:
+    """``--embed-std S``: redraw the decoder's token embeddings from N(0, S^2) (:func:`redraw_embeddings`)."""
+    ap.add_argument("--embed-std", type=_std, default=0.0,
+                    help="redraw the decoder's token embeddings from N(0, std^2) before stage A (0: the config's "
+                    "init, std 0.02)")
+
+
 def add_precision_args(ap: argparse.ArgumentParser) -> None:
     """``--precision auto|bf16|fp32`` and its older spelling ``--no-bf16`` (= fp32), both into ``precision``."""
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -259,7 +275,10 @@ def add_precision_args(ap: argparse.ArgumentParser) -> None:
 def train_stage(model, processor, geometry: str, steps: int, batch_size: int, lr: float, seed: int,
                 device: torch.device, bf16: bool, workers: int, turns: int, log, aux_weight: float = 0.5,
                 ground_weight: float = 0.5,
-                freeze_vision: bool = False, eval_every: int = 0, eval_fn=None, heads=None) -> list[dict]:
+                freeze_vision: bool = False, eval_every: int = 0, eval_fn=None, heads=None,
+                on_batch=None) -> list[dict]:
+    """Train ``model`` for ``steps`` steps of :func:`make_batch` batches; ``on_batch(batch, aux)``, if given, sees
+    each batch (model inputs, auxiliary targets) on the device just before the forward pass."""
     torch.manual_seed(seed)
     model.to(device).train()
     if heads is None and geometry == "llava":
@@ -292,6 +311,8 @@ def train_stage(model, processor, geometry: str, steps: int, batch_size: int, lr
             batch = {k: v.to(device) for k, v in batch.items()}
             aux = {k: batch.pop(k) for k in ("patch_labels", "present", "n_objects", "ground", "answer_at")
                    if k in batch}
+            if on_batch is not None:
+                on_batch(batch, aux)
             with _autocast(device, bf16):
                 out = model(**batch, use_cache=False)
                 loss_lm = out.loss
@@ -336,6 +357,16 @@ def train_stage(model, processor, geometry: str, steps: int, batch_size: int, lr
 
 
 # ---------------------------------------------------------------------------------------------- vision stage
+def sincos_grid(side: int, quarter: int) -> torch.Tensor:
+    """(side^2, 4 quarter) float32 2-D sin-cos codes of a side x side grid, row-major: sin and cos of the row, then
+    of the column, at ``quarter`` frequencies 100^(-i / quarter)."""
+    omega = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    r, c = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                          indexing="ij")
+    ar, ac = r.reshape(-1, 1) * omega, c.reshape(-1, 1) * omega
+    return torch.cat([ar.sin(), ar.cos(), ac.sin(), ac.cos()], 1)
+
+
 def sincos_positions(model) -> None:
     """Set the vision tower's learned position embeddings to a 2-D sin-cos grid (half the width for rows, half
     for columns; the CLS row zero). A starting point that already tells neighbouring patches apart: learned from
@@ -345,16 +376,10 @@ def sincos_positions(model) -> None:
     side = int(round(math.sqrt(w.shape[0] - 1)))
     if side * side != w.shape[0] - 1 or w.shape[1] % 4:
         raise ValueError(f"position table {tuple(w.shape)} is not a square grid plus CLS with a width divisible by 4")
-    quarter = w.shape[1] // 4
-    omega = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
-    r, c = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
-                          indexing="ij")
-    ar, ac = r.reshape(-1, 1) * omega, c.reshape(-1, 1) * omega
-    grid = torch.cat([ar.sin(), ar.cos(), ac.sin(), ac.cos()], 1)
+    grid = sincos_grid(side, w.shape[1] // 4)
     with torch.no_grad():
         w[1:] = grid.to(w.dtype)
         w[0] = 0
-
 
 
 def redraw_embeddings(model, std: float, seed: int = 2) -> None:
@@ -410,9 +435,7 @@ def main(argv=None) -> int:
                     "folder a --vision-steps run wrote)")
     ap.add_argument("--freeze-vision", action="store_true",
                     help="stage A trains projector and decoder only (use after --vision-steps)")
-    ap.add_argument("--embed-std", type=float, default=0.0,
-                    help="redraw the decoder's token embeddings from N(0, std^2) before stage A (0: the config's "
-                    "init, std 0.02)")
+    add_embed_std_arg(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     add_precision_args(ap)
@@ -422,8 +445,6 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=600)
     ap.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     args = ap.parse_args(argv)
-    if args.embed_std < 0:
-        ap.error(f"--embed-std {args.embed_std} is negative; give a standard deviation > 0, or 0 for the config's init")
     if args.vision_from and args.vision_steps:
         ap.error(f"--vision-from {args.vision_from} and --vision-steps {args.vision_steps} both set the vision tower; "
                  "give one of them")
