@@ -104,7 +104,7 @@ def test_vision_stage_then_frozen_tower(tmp_path):
 
     again = tmp_path / "again"
     rc = main(["--out", str(again), "--vision-from", str(tmp_path / "llava-proxy"), "--freeze-vision", "--seed", "1",
-               "--embed-std", "0.3", "--steps", "1", "--batch-size", "1", "--turns", "2", "--next-steps", "0",
+               "--embed-std", "0.3", "--projector-scale", "4", "--steps", "1", "--batch-size", "1", "--turns", "2", "--next-steps", "0",
                "--eval-n", "0", "--device", "cpu", "--precision", "fp32"])
     assert rc == 0
     first, second = (load_file(str(d / "llava-proxy" / "model.safetensors")) for d in (tmp_path, again))
@@ -118,6 +118,7 @@ def test_vision_stage_then_frozen_tower(tmp_path):
     from evals.proxy.report import _recipe
 
     assert "token embeddings start from N(0, 0.3^2)" in _recipe("llava", meta)
+    assert meta["args"]["projector_scale"] == 4.0 and "output layer starts 4 times" in _recipe("llava", meta)
 
 
 def test_vision_from_errors(tmp_path, capsys):
@@ -128,6 +129,9 @@ def test_vision_from_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--embed-std", "-1"])
     assert "--embed-std -1.0 is negative" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--projector-scale", "-2"])
+    assert "--projector-scale -2.0 is not positive" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         main(["--out", str(tmp_path), "--vision-from", str(tmp_path / "nowhere"), "--steps", "1", "--eval-n", "0",
               "--next-steps", "0", "--device", "cpu"])

@@ -4,8 +4,8 @@ import torch
 
 from evals.proxy import model as pm
 from evals.proxy.evaluate import samples
-from evals.proxy.oracle import OracleFeatures, main
-from evals.proxy.train import redraw_embeddings
+from evals.proxy.oracle import OracleFeatures, class_separation, main
+from evals.proxy.train import redraw_embeddings, scale_projector
 from evals.proxy.scenes import patch_labels, render
 
 
@@ -62,14 +62,41 @@ def test_redraw_embeddings_sets_their_scale():
     assert abs(float(w.detach().std()) - 0.5) < 0.02
 
 
+def test_scale_projector_scales_the_image_tokens():
+    model = pm.build_model("llava", seed=0).eval()
+    x = torch.randn(1, 5, 192)
+    with torch.no_grad():
+        before = model.model.multi_modal_projector(x)
+        scale_projector(model, 3.0)
+        after = model.model.multi_modal_projector(x)
+    torch.testing.assert_close(after, 3 * before)
+    with pytest.raises(ValueError, match="must be positive"):
+        scale_projector(model, 0.0)
+
+
+def test_class_separation_reads_the_decoder_states():
+    model = pm.build_model("llava", seed=0)
+    proc = pm.build_processor("llava")
+    oracle = OracleFeatures(model)
+    sep = class_separation(model, proc, oracle, n=2)
+    assert list(sep) == list(range(9))                  # the input of each of the 8 layers, and the final norm's
+    assert sep[0] > 80 and model.training               # the oracle's one-hot classes separate; mode restored
+    with torch.no_grad():                               # a projector that writes one vector for every patch
+        model.model.multi_modal_projector.linear_2.weight.zero_()
+    assert class_separation(model, proc, oracle, n=2)[0] < 50
+
+
 def test_one_step_of_oracle_training_runs(tmp_path, capsys):
     assert main(["--steps", "1", "--batch-size", "1", "--turns", "2", "--eval-n", "0", "--embed-std", "0.1",
-                 "--log", str(tmp_path / "log")]) == 0
+                 "--projector-scale", "2", "--log", str(tmp_path / "log")]) == 0
     lines = (tmp_path / "log").read_text().splitlines()
-    assert '"embed_std": 0.1' in lines[0] and '"step": 1' in lines[-1] and '"lm"' in lines[-1]
+    assert '"embed_std": 0.1' in lines[0] and '"projector_scale": 2.0' in lines[0] and '"step": 1' in lines[-1] and '"lm"' in lines[-1]
     with pytest.raises(SystemExit):
         main(["--steps", "0"])
     assert "--steps 0 must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--embed-std", "-1"])
     assert "--embed-std -1.0 is negative" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--projector-scale", "0"])
+    assert "--projector-scale 0.0 is not positive" in capsys.readouterr().err

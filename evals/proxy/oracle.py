@@ -4,11 +4,13 @@
 frozen and unused) with the projector reading, for every patch, a fixed linear map of its true class (one-hot:
 background, object kind, digit, sign plate; ``scenes.patch_labels``) and of its 2-D sin-cos position, in place of
 the tower's feature layer. It bounds what a better vision tower can buy: the accuracy this run reaches after N
-steps is what the same decoder recipe reaches from tokens that carry everything the questions need. It is a
-diagnostic; it writes no weights.
+steps is what the same decoder recipe reaches from tokens that carry everything the questions need. Each
+evaluation also logs ``separation`` (``class_separation``): per decoder layer, the percentage of object patches
+whose state is still nearest to its own class. It is a diagnostic; it writes no weights.
 
 ``--embed-std S`` redraws the decoder's token embeddings from N(0, S^2) before training (0: the config's init,
-``initializer_range`` = 0.02).
+``initializer_range`` = 0.02); ``--projector-scale F`` multiplies the projector's output layer by F
+(``train.scale_projector``).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from . import model as pm
 from . import train as T
 from .scenes import N_PATCH_CLASSES, patch_labels
 
-__all__ = ["OracleFeatures", "evaluate_oracle", "main"]
+__all__ = ["OracleFeatures", "evaluate_oracle", "class_separation", "main"]
 
 
 class OracleFeatures:
@@ -81,6 +83,35 @@ def evaluate_oracle(model, processor, oracle: OracleFeatures, n: int = 240, batc
     return {k: out[k] for k in ("overall", "families")}
 
 
+def class_separation(model, processor, oracle: OracleFeatures, n: int = 6, seed: int = 10_000) -> dict:
+    """How much of each object patch's class the decoder still carries, layer by layer: for ``n`` training-split
+    scenes (step ``seed`` of the data stream), the percentage of object patches whose decoder hidden state (the
+    input of each layer, and the final norm's input) is nearer to the mean state of its own patch class than to that
+    of any other class present. The input embeddings carry the oracle classes almost perfectly; a fall across the
+    layers means the decoder writes over the image tokens' content before its heads can read it."""
+    was = model.training
+    model.eval()
+    batch = T.make_batch(processor, "llava", n, 0, seed, 1)
+    labels = batch.pop("patch_labels").reshape(-1)
+    for k in ("present", "n_objects", "ground", "answer_at", "labels"):
+        batch.pop(k)
+    oracle.set(labels.view(n, -1))
+    with torch.inference_mode():
+        states = model(**batch, output_hidden_states=True, use_cache=False).hidden_states
+    img = batch["input_ids"] == model.config.image_token_id
+    obj = labels > 0
+    classes = torch.unique(labels[obj])
+    out = {}
+    for layer, h in enumerate(states):
+        x = h[img].float()
+        means = torch.stack([x[labels == c].mean(0) for c in classes])
+        nearest = classes[torch.cdist(x[obj], means).argmin(1)]
+        out[layer] = round(100.0 * float((nearest == labels[obj]).float().mean()), 1)
+    if was:
+        model.train()
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m evals.proxy.oracle", description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=600, help="stage A optimizer steps")
@@ -88,6 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--turns", type=int, default=16)
     ap.add_argument("--lr", type=float, default=6e-4)
     T.add_embed_std_arg(ap)
+    T.add_projector_scale_arg(ap)
     ap.add_argument("--eval-n", type=int, default=240, help="validation samples per evaluation")
     ap.add_argument("--eval-every", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
@@ -114,9 +146,12 @@ def main(argv=None) -> int:
     oracle = OracleFeatures(model)
     if args.embed_std:
         T.redraw_embeddings(model, args.embed_std)
+    if args.projector_scale != 1:
+        T.scale_projector(model, args.projector_scale)
     T.train_stage(model, proc, "llava", args.steps, args.batch_size, args.lr, args.seed, torch.device("cpu"),
                   False, 0, args.turns, log, eval_every=args.eval_every,
-                  eval_fn=(lambda m: evaluate_oracle(m, proc, oracle, args.eval_n)) if args.eval_n else None,
+                  eval_fn=(lambda m: dict(evaluate_oracle(m, proc, oracle, args.eval_n),
+                                          separation=class_separation(m, proc, oracle))) if args.eval_n else None,
                   heads=T.AuxHeads(model.config.vision_config.hidden_size), freeze_vision=True,
                   on_batch=lambda batch, aux: oracle.set(aux["patch_labels"]))
     oracle.remove()

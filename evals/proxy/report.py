@@ -92,6 +92,9 @@ def _recipe(geometry: str, training: dict) -> str:
                  "object-kind presence and object count from the final CLS token (these heads are discarded). ")
     if args.get("embed_std"):
         text += f"The decoder's token embeddings start from N(0, {args['embed_std']}^2) instead of the config's init. "
+    if args.get("projector_scale", 1) != 1:
+        text += (f"The projector's output layer starts {args['projector_scale']:g} times its config's init, so that "
+                 "the image tokens enter the decoder's residual stream that much larger. ")
     text += ("A grounding loss trains one decoder attention head (layer 4 of 8, head 0), from the position that "
              "predicts each answer, to attend to the patches of the objects the question is about; methods that "
              "score visual tokens by decoder attention may therefore find a cleaner signal in this model than in a "

@@ -17,7 +17,8 @@ crops of scenes (``pretrain``: sin-cos position init, mimetic attention init, op
 in the llava-proxy/ folder of a ``--vision-steps N --freeze-vision`` run).
 ``python -m evals.proxy.probe`` measures what the tower's patch tokens carry afterwards, and
 ``python -m evals.proxy.oracle`` what the decoder recipe reaches from perfect patch features.
-``--embed-std S`` redraws the decoder's token embeddings from N(0, S^2) before stage A.
+``--embed-std S`` redraws the decoder's token embeddings from N(0, S^2) before stage A; ``--projector-scale F``
+multiplies the projector's output layer by F (``scale_projector``).
 
 Stage B (LLaVA-NeXT geometry): the trained towers are copied into ``LlavaNextForConditionalGeneration`` and the
 projector, decoder and ``image_newline`` are fine-tuned on 672x336 / 336x672 scenes with the vision tower frozen.
@@ -258,6 +259,22 @@ def _std(text: str) -> float:
     return value
 
 
+def _scale(text: str) -> float:
+    """``--projector-scale``: a factor > 0 (1: keep the config's init)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--projector-scale {value} is not positive; give a factor > 0, or 1 for the "
+                                         "config's init")
+    return value
+
+
+def add_projector_scale_arg(ap: argparse.ArgumentParser) -> None:
+    """``--projector-scale F``: multiply the projector's output layer by F before stage A (:func:`scale_projector`)."""
+    ap.add_argument("--projector-scale", type=_scale, default=1.0,
+                    help="multiply the projector's output layer by this factor before stage A, so that the image "
+                    "tokens enter the decoder's residual stream F times larger (1: the config's init)")
+
+
 def add_embed_std_arg(ap: argparse.ArgumentParser) -> None:
     """``--embed-std S``: redraw the decoder's token embeddings from N(0, S^2) (:func:`redraw_embeddings`)."""
     ap.add_argument("--embed-std", type=_std, default=0.0,
@@ -390,6 +407,20 @@ def redraw_embeddings(model, std: float, seed: int = 2) -> None:
         model.model.language_model.embed_tokens.weight.normal_(0, std, generator=torch.Generator().manual_seed(seed))
 
 
+def scale_projector(model, factor: float) -> None:
+    """Multiply the weight and bias of the projector's output layer by ``factor``: the image tokens start ``factor``
+    times larger in the decoder's residual stream (from oracle features at the config's init they start at about
+    5x the norm of a word embedding). A lever on how much of the image tokens' own content survives what the decoder's layers add to
+    them; ``python -m evals.proxy.oracle`` reports that survival per layer (``class_separation``)."""
+    if not factor > 0:
+        raise ValueError(f"projector scale {factor!r} must be positive (--projector-scale 1 keeps the config's init)")
+    last = model.model.multi_modal_projector.linear_2
+    with torch.no_grad():
+        last.weight.mul_(factor)
+        if last.bias is not None:
+            last.bias.mul_(factor)
+
+
 def load_tower(model, folder) -> None:
     """Copy the vision tower weights of the LLaVA checkpoint in ``folder`` into ``model`` (same tower config)."""
     from safetensors.torch import load_file
@@ -436,6 +467,7 @@ def main(argv=None) -> int:
     ap.add_argument("--freeze-vision", action="store_true",
                     help="stage A trains projector and decoder only (use after --vision-steps)")
     add_embed_std_arg(ap)
+    add_projector_scale_arg(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     add_precision_args(ap)
@@ -500,6 +532,8 @@ def main(argv=None) -> int:
         log(json.dumps({"vision_from": str(args.vision_from)}))
     if args.embed_std:
         redraw_embeddings(model, args.embed_std)
+    if args.projector_scale != 1:
+        scale_projector(model, args.projector_scale)
     time_v = time.time() - t0
     hist_a = train_stage(model, proc, "llava", args.steps, args.batch_size, args.lr, args.seed, device,
                          bf16, workers, args.turns, log, eval_every=args.eval_every,
