@@ -83,15 +83,16 @@ def evaluate_oracle(model, processor, oracle: OracleFeatures, n: int = 240, batc
     return {k: out[k] for k in ("overall", "families")}
 
 
-def class_separation(model, processor, oracle: OracleFeatures, n: int = 6, seed: int = 10_000) -> dict:
-    """How much of each object patch's class the decoder still carries, layer by layer: for ``n`` training-split
-    scenes (step ``seed`` of the data stream), the percentage of object patches whose decoder hidden state (the
-    input of each layer, and the final norm's input) is nearer to the mean state of its own patch class than to that
-    of any other class present. The input embeddings carry the oracle classes almost perfectly; a fall across the
-    layers means the decoder writes over the image tokens' content before its heads can read it."""
+def class_separation(model, processor, oracle: OracleFeatures, n: int = 6, step: int = 10_000) -> dict:
+    """How much of each object patch's class the decoder's image-token states carry, layer by layer: for ``n``
+    training-split scenes (those of step ``step`` of the data stream), the percentage of object patches whose state
+    is nearer to the mean state of its own patch class than to that of any other class present. Keys: 0 the
+    embeddings (the projector's output), k the output of decoder layer k (the last one after the final norm). At
+    initialisation the embeddings separate the oracle classes (about 90%); a fall across the layers means the
+    decoder writes over the image tokens' content before its heads read it."""
     was = model.training
     model.eval()
-    batch = T.make_batch(processor, "llava", n, 0, seed, 1)
+    batch = T.make_batch(processor, "llava", n, 0, step, 1)
     labels = batch.pop("patch_labels").reshape(-1)
     for k in ("present", "n_objects", "ground", "answer_at", "labels"):
         batch.pop(k)
