@@ -104,8 +104,8 @@ def test_vision_stage_then_frozen_tower(tmp_path):
 
     again = tmp_path / "again"
     rc = main(["--out", str(again), "--vision-from", str(tmp_path / "llava-proxy"), "--freeze-vision", "--seed", "1",
-               "--embed-std", "0.3", "--projector-scale", "4", "--steps", "1", "--batch-size", "1", "--turns", "2", "--next-steps", "0",
-               "--eval-n", "0", "--device", "cpu", "--precision", "fp32"])
+               "--embed-std", "0.3", "--projector-scale", "4", "--steps", "1", "--batch-size", "1", "--turns", "2",
+               "--next-steps", "0", "--eval-n", "0", "--device", "cpu", "--precision", "fp32"])
     assert rc == 0
     first, second = (load_file(str(d / "llava-proxy" / "model.safetensors")) for d in (tmp_path, again))
     tower = [k for k in first if "vision_tower." in k]

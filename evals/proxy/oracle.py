@@ -119,8 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=6)
     ap.add_argument("--turns", type=int, default=16)
     ap.add_argument("--lr", type=float, default=6e-4)
-    T.add_embed_std_arg(ap)
-    T.add_projector_scale_arg(ap)
+    T.add_decoder_init_args(ap)
     ap.add_argument("--eval-n", type=int, default=240, help="validation samples per evaluation")
     ap.add_argument("--eval-every", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
@@ -145,10 +144,7 @@ def main(argv=None) -> int:
     proc = pm.build_processor("llava", tok)
     model = pm.build_model("llava", seed=args.seed)
     oracle = OracleFeatures(model)
-    if args.embed_std:
-        T.redraw_embeddings(model, args.embed_std)
-    if args.projector_scale != 1:
-        T.scale_projector(model, args.projector_scale)
+    T.apply_decoder_init(model, args)
     T.train_stage(model, proc, "llava", args.steps, args.batch_size, args.lr, args.seed, torch.device("cpu"),
                   False, 0, args.turns, log, eval_every=args.eval_every,
                   eval_fn=(lambda m: dict(evaluate_oracle(m, proc, oracle, args.eval_n),

@@ -268,18 +268,23 @@ def _scale(text: str) -> float:
     return value
 
 
-def add_projector_scale_arg(ap: argparse.ArgumentParser) -> None:
-    """``--projector-scale F``: multiply the projector's output layer by F before stage A (:func:`scale_projector`)."""
+def add_decoder_init_args(ap: argparse.ArgumentParser) -> None:
+    """``--embed-std S`` and ``--projector-scale F``: changes to the decoder side's init before stage A, applied by
+    :func:`apply_decoder_init`."""
+    ap.add_argument("--embed-std", type=_std, default=0.0,
+                    help="redraw the decoder's token embeddings from N(0, std^2) before stage A (0: the config's "
+                    "init, std 0.02)")
     ap.add_argument("--projector-scale", type=_scale, default=1.0,
                     help="multiply the projector's output layer by this factor before stage A, so that the image "
                     "tokens enter the decoder's residual stream F times larger (1: the config's init)")
 
 
-def add_embed_std_arg(ap: argparse.ArgumentParser) -> None:
-    """``--embed-std S``: redraw the decoder's token embeddings from N(0, S^2) (:func:`redraw_embeddings`)."""
-    ap.add_argument("--embed-std", type=_std, default=0.0,
-                    help="redraw the decoder's token embeddings from N(0, std^2) before stage A (0: the config's "
-                    "init, std 0.02)")
+def apply_decoder_init(model, args: argparse.Namespace) -> None:
+    """What :func:`add_decoder_init_args` asked for: :func:`redraw_embeddings` and :func:`scale_projector`."""
+    if args.embed_std:
+        redraw_embeddings(model, args.embed_std)
+    if args.projector_scale != 1:
+        scale_projector(model, args.projector_scale)
 
 
 def add_precision_args(ap: argparse.ArgumentParser) -> None:
@@ -410,8 +415,9 @@ def redraw_embeddings(model, std: float, seed: int = 2) -> None:
 def scale_projector(model, factor: float) -> None:
     """Multiply the weight and bias of the projector's output layer by ``factor``: the image tokens start ``factor``
     times larger in the decoder's residual stream (from oracle features at the config's init they start at about
-    5x the norm of a word embedding). A lever on how much of the image tokens' own content survives what the decoder's layers add to
-    them; ``python -m evals.proxy.oracle`` reports that survival per layer (``class_separation``)."""
+    5x the norm of a word embedding). A lever on how much of the image tokens' own content survives what the
+    decoder's layers add to them; ``python -m evals.proxy.oracle`` reports that survival per layer
+    (``class_separation``)."""
     if not factor > 0:
         raise ValueError(f"projector scale {factor!r} must be positive (--projector-scale 1 keeps the config's init)")
     last = model.model.multi_modal_projector.linear_2
@@ -466,8 +472,7 @@ def main(argv=None) -> int:
                     "folder a --vision-steps run wrote)")
     ap.add_argument("--freeze-vision", action="store_true",
                     help="stage A trains projector and decoder only (use after --vision-steps)")
-    add_embed_std_arg(ap)
-    add_projector_scale_arg(ap)
+    add_decoder_init_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     add_precision_args(ap)
@@ -530,10 +535,7 @@ def main(argv=None) -> int:
     elif args.vision_from:
         load_tower(model, args.vision_from)
         log(json.dumps({"vision_from": str(args.vision_from)}))
-    if args.embed_std:
-        redraw_embeddings(model, args.embed_std)
-    if args.projector_scale != 1:
-        scale_projector(model, args.projector_scale)
+    apply_decoder_init(model, args)
     time_v = time.time() - t0
     hist_a = train_stage(model, proc, "llava", args.steps, args.batch_size, args.lr, args.seed, device,
                          bf16, workers, args.turns, log, eval_every=args.eval_every,
