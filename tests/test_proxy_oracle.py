@@ -79,7 +79,8 @@ def test_class_separation_reads_the_decoder_states():
     proc = pm.build_processor("llava")
     oracle = OracleFeatures(model)
     sep = class_separation(model, proc, oracle, n=2)
-    assert list(sep) == list(range(9))                  # the embeddings and each of the 8 layers' outputs
+    n = pm.TEXT["num_hidden_layers"]
+    assert list(sep) == list(range(n + 1))              # the embeddings and each layer's output
     assert sep[0] > 80 and model.training               # the oracle's one-hot classes separate; mode restored
     with torch.no_grad():                               # a projector that writes one vector for every patch
         model.model.multi_modal_projector.linear_2.weight.zero_()

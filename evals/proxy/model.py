@@ -8,8 +8,10 @@ Architecture (both geometries share every trained weight; NeXT adds ``image_newl
 
 - vision: ``CLIPVisionModel`` with a CLS token, 336 px, patch 14 (576 patches), hidden 192, 6 layers, 6 heads,
   MLP 768; LLaVA takes features from layer -2 without the CLS token ("default").
-- projector: LLaVA's two-layer GELU MLP, 192 -> 256 -> 256.
-- decoder: ``LlamaForCausalLM`` body, hidden 256, 8 layers, 8 query heads and 2 KV heads (GQA), SwiGLU MLP 704.
+- projector: LLaVA's two-layer GELU MLP, 192 -> 128 -> 128.
+- decoder: ``LlamaForCausalLM`` body, hidden 128, 16 layers, 4 query heads and 2 KV heads (GQA), SwiGLU MLP 384.
+  Deep and narrow: steps stay cheap, and every in-LLM method's pruning layers, scaled from the papers' 32-layer
+  schedules, land on distinct layers (TransPrune [4, 5, 6], MustDrop [2, 4, 6, 8]); 8 layers fold them.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ CHAT_TEMPLATE = (
 )
 VISION = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6,
               image_size=336, patch_size=14)
-TEXT = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=8, num_attention_heads=8,
+TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=16, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False)
 
 

@@ -1,0 +1,193 @@
+"""The proxy LVLM v2 recipe: a tower that sees first, then a deep narrow decoder trained on cached tokens.
+
+    python -m evals.proxy.recipe tower --out runs/v2            # stage 0: the vision tower alone, on crops
+    python -m evals.proxy.recipe decoder --out runs/v2          # stages 1-3: projector + decoder, tower frozen
+
+Stage 0 (``tower``) trains the CLIP tower of a fresh LLaVA-1.5 proxy alone (``pretrain.train_vision``: crops of
+6x6 and 12x12 patches and whole scenes in turn, sin-cos positions, mimetic attention init, a CNN teacher) and
+writes ``tower.pt`` (the tower's state dict and the run's log) into ``--out``.
+
+The decoder stages are in :mod:`evals.proxy.decoder`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import model as pm
+from .decoder import STAGES
+
+__all__ = ["train_tower", "load_tower_file", "main"]
+
+
+def train_tower(out: Path, steps: int, teacher_steps: int, batch_size: int, lr: float, sides, seed: int,
+                device: torch.device, log) -> dict:
+    """Stage 0 of the v2 recipe into ``out/tower.pt``; returns the saved record."""
+    from .pretrain import mimetic_init, train_teacher, train_vision
+    from .train import AuxHeads, sincos_positions
+
+    model = pm.build_model("llava", seed=seed)
+    proc = pm.build_processor("llava")
+    heads = AuxHeads(model.config.vision_config.hidden_size)
+    sincos_positions(model)
+    mimetic_init(model.model.vision_tower, seed=seed)
+    t0 = time.time()
+    teacher = train_teacher(teacher_steps, batch_size, seed, device, sides[0], log=log) if teacher_steps else None
+    hist = train_vision(model, proc, heads, steps, batch_size, lr, seed, device, log,
+                        eval_every=max(25, steps // 6 // 25 * 25), sides=sides, teacher=teacher)
+    rec = dict(seconds=round(time.time() - t0, 1), steps=steps, teacher_steps=teacher_steps, batch_size=batch_size,
+               lr=lr, sides=list(sides), seed=seed, device=str(device), history=hist)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().float() for k, v in model.model.vision_tower.state_dict().items()}
+    torch.save(dict(tower=state, record=rec), out / "tower.pt")
+    return rec
+
+
+def load_tower_file(model, path) -> dict:
+    """Load the tower of a ``tower.pt`` written by :func:`train_tower` into ``model``; returns its record."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tower.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no stage-0 tower at {path}; write one with `python -m evals.proxy.recipe tower "
+                                f"--out {path.parent}`")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    tower = model.model.vision_tower
+    dtype = next(tower.parameters()).dtype
+    tower.load_state_dict({k: v.to(dtype) for k, v in blob["tower"].items()}, strict=True)
+    return blob["record"]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise argparse.ArgumentTypeError(f"--device {name!r} is not auto, cpu or cuda[:N]")
+    return torch.device(name)
+
+
+def main(argv=None) -> int:
+    from .train import _sides
+
+    ap = argparse.ArgumentParser(prog="python -m evals.proxy.recipe", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="stage", required=True)
+    t = sub.add_parser("tower", help="stage 0: the vision tower alone on crops, into OUT/tower.pt")
+    t.add_argument("--out", required=True)
+    t.add_argument("--steps", type=int, default=1800)
+    t.add_argument("--teacher-steps", type=int, default=300)
+    t.add_argument("--batch-size", type=int, default=96, help="crops of the first side per step")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--crop", type=_sides, default=[6, 12, 24])
+    d = sub.add_parser("decoder", help="stages 1-3: projector + decoder on cached tokens of OUT/tower.pt, into "
+                       "OUT/llava-proxy")
+    d.add_argument("--out", required=True)
+    d.add_argument("--tower", default=None, help="tower.pt of stage 0 (default OUT/tower.pt)")
+    d.add_argument("--stages", type=_stages, default=list(STAGES),
+                   help="tokens:steps:batch per stage, comma-separated (default "
+                   + ",".join(f"{s.tokens}:{s.steps}:{s.batch_size}" for s in STAGES) + ")")
+    d.add_argument("--cache", type=int, default=12000, help="training scenes whose tower tokens are cached")
+    d.add_argument("--turns", type=int, default=8, help="questions per scene per sequence")
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--warmup", type=int, default=100)
+    d.add_argument("--existence-steps", type=int, default=300, help="first steps ask existence questions only")
+    d.add_argument("--val-n", type=int, default=360, help="validation samples scored during training")
+    d.add_argument("--eval-every", type=int, default=250)
+    d.add_argument("--checkpoint-minutes", type=float, default=15.0)
+    d.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    d.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpointed)")
+    d.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="bf16 autocast or float32 (auto: bf16 where the device computes it natively)")
+    for p in (t, d):
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", type=_device, default="auto")
+        p.add_argument("--threads", type=int, default=0, help="torch threads on a CPU (0: all cores)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / f"{args.stage}.log", "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    log(json.dumps(dict(command="python -m evals.proxy.recipe " + " ".join(argv if argv is not None else sys.argv[1:]),
+                        device=str(args.device), torch=torch.__version__, python=platform.python_version(),
+                        threads=torch.get_num_threads())))
+    if args.stage == "tower":
+        rec = train_tower(out, args.steps, args.teacher_steps, args.batch_size, args.lr, args.crop, args.seed,
+                          args.device, log)
+        log(json.dumps(dict(stage="tower", seconds=rec["seconds"])))
+    else:
+        train_decoder_stage(args, out, log)
+    return 0
+
+
+def _stages(text: str) -> list:
+    """``--stages``: comma-separated ``tokens:steps:batch`` triples, tokens one of 64, 144, 576."""
+    from .decoder import Stage
+
+    try:
+        stages = [Stage(*(int(v) for v in part.split(":"))) for part in text.split(",")]
+    except (TypeError, ValueError):
+        stages = []
+    if not stages or not all(s.tokens in (64, 144, 576) and s.steps > 0 and s.batch_size > 0 for s in stages):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of tokens:steps:batch with tokens "
+                                         "in 64, 144, 576 and positive steps and batch (e.g. 64:2200:32,576:250:8)")
+    return stages
+
+
+def train_decoder_stage(args, out: Path, log) -> None:
+    """The ``decoder`` command: cache tokens, train, save ``OUT/llava-proxy`` and its ``training.json``."""
+    from .decoder import TokenCache, fast_eval, train_decoder
+    from .evaluate import samples as bench_samples
+    from .train import use_bf16
+
+    bf16 = use_bf16(args.precision, args.device)
+    tok = pm.build_tokenizer()
+    proc = pm.build_processor("llava", tok)
+    model = pm.build_model("llava", seed=args.seed)
+    tower_rec = load_tower_file(model, args.tower or out / "tower.pt")
+    model.to(args.device)
+    path = out / f"tokens-{args.cache}-seed{args.seed}.pt"
+    if path.exists():
+        cache = TokenCache.load(path)
+    else:
+        cache = TokenCache.build(model, args.cache, args.seed, log)
+        cache.save(path)
+    val = None
+    if args.val_n:
+        vs = bench_samples("validation", args.val_n)
+        from .decoder import tower_tokens
+        val = (vs, tower_tokens(model, [s.scene for s in vs]))
+    t0 = time.time()
+    hist = train_decoder(model, tok, cache, args.stages, out, seed=args.seed, lr=args.lr, warmup=args.warmup,
+                         turns=args.turns, existence_steps=args.existence_steps, device=args.device, val=val,
+                         eval_every=args.eval_every, checkpoint_minutes=args.checkpoint_minutes,
+                         resume=args.resume, log=log, max_steps=args.max_steps, bf16=bf16)
+    total = sum(s.steps for s in args.stages)
+    done = hist[-1]["step"] if hist else 0
+    rec = dict(command="python -m evals.proxy.recipe " + " ".join(sys.argv[1:]), device=str(args.device),
+               gpu=torch.cuda.get_device_name(0) if args.device.type == "cuda" else None,
+               threads=torch.get_num_threads(), torch=torch.__version__, bf16=bf16, seconds=round(time.time() - t0, 1),
+               stages=[vars(s) if hasattr(s, "__dict__") else s.__dict__ for s in args.stages], steps_done=done,
+               steps_total=total, cache=args.cache, turns=args.turns, lr=args.lr, existence_steps=args.existence_steps,
+               tower=tower_rec, history=hist)
+    if done >= total:
+        if val is not None:
+            rec["final_validation_576"] = fast_eval(model, tok, val[0], val[1], 576)
+        model.to("cpu").float().eval()
+        pm.save(model.to(torch.bfloat16), proc, out / "llava-proxy", extra=rec)
+        log(json.dumps(dict(stage="decoder", saved=str(out / "llava-proxy"), seconds=rec["seconds"])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
