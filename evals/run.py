@@ -7,9 +7,13 @@
 
 Every run is paired: the unpruned model and the random and pooling baselines run on the same samples as the
 methods asked for. Per method and budget it records accuracy (overall, per family and category, POPE's metrics on
-POPE files), agreement with the unpruned model's answers, visual tokens per decoder layer and equivalent tokens,
-TFLOPs of a prefill and of a generate call from vlprune's cost model, the median prefill and end-to-end latency
-(batch 1, on the first ``--latency-samples`` samples after a warm-up), peak memory, versions, seed and command.
+POPE files) with 95% Wilson intervals, the paired difference to the unpruned model and to random at the same
+budget (95% interval, exact McNemar test: "no difference" unless p < 0.05), agreement with the unpruned model's
+answers, visual tokens per decoder layer and equivalent tokens, TFLOPs of a prefill and of a generate call from
+vlprune's cost model, the median prefill and end-to-end latency (batch 1, on the first ``--latency-samples``
+samples after a warm-up), peak memory, versions, seed and command.
+On the proxy benchmark it also records the blind (question-only) baseline on the same samples: each question
+answered with its commonest answer in training samples, without the image (``results.json`` key ``blind``).
 
 Output folder (``--out``): ``results.json`` (every number), ``results.md`` (a table for a README),
 ``accuracy_vs_tflops.png``, and ``records/`` (one JSON line per sample and configuration). A run that stops
@@ -23,6 +27,7 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import threading
@@ -33,13 +38,20 @@ from typing import Sequence
 import torch
 
 from .benchmarks import Benchmark, Item, load_benchmark
+from .stats import ALPHA, fmt_accuracy, fmt_difference, fmt_versus, paired_difference, wilson
 
-__all__ = ["main", "run", "parse_args", "build_grid", "Config", "load_model", "build_prompt", "batch_inputs"]
+__all__ = ["main", "run", "parse_args", "build_grid", "Config", "load_model", "build_prompt", "batch_inputs",
+           "summarize", "blind_row", "markdown"]
 
 BASELINES = ("random", "pool")
 DEFAULT_METHODS = "random,pool,cls_attn,fastv"
 DEFAULT_KEEP = "576,192,128,64"
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
+BLIND_LABEL = "blind (question only)"
+BLIND_TRAIN = 3000                       # training samples the blind baseline reads its commonest answers from
+STATISTICS = ("accuracy_ci: 95% Wilson interval (%); vs_unpruned, vs_random: paired difference on the same samples "
+              "(percentage points) with its 95% Wald interval and the exact McNemar p; verdict 'no difference' when "
+              f"p >= {ALPHA}, else 'better' or 'worse'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,6 +423,7 @@ def summarize(bench: Benchmark, grid: list[Config], records: list[dict], timing:
     if missing:
         raise RuntimeError(f"{len(missing)} answers are missing from the records (first: {missing[0]}); run the same "
                            f"command again to complete them")
+    correct = {}
     for cfg in grid:
         recs = []
         for it in items:
@@ -423,11 +436,15 @@ def summarize(bench: Benchmark, grid: list[Config], records: list[dict], timing:
             fam.setdefault(r["family"], []).append(r["correct"])
             cat.setdefault(r["category"], []).append(r["correct"])
         pct = lambda xs: 100.0 * sum(xs) / len(xs)  # noqa: E731
+        correct[cfg.key] = [bool(r["correct"]) for r in recs]
+        right = sum(correct[cfg.key])
         row = dict(config=cfg.key, method=cfg.name, keep=cfg.keep, params=dict(cfg.kwargs), n=n,
-                   accuracy=pct([r["correct"] for r in recs]),
+                   accuracy=pct([r["correct"] for r in recs]), correct=right, accuracy_ci=list(wilson(right, n)),
                    families={k: pct(v) for k, v in sorted(fam.items())},
+                   families_ci={k: list(wilson(sum(map(bool, v)), len(v))) for k, v in sorted(fam.items())},
                    categories={k: pct(v) for k, v in sorted(cat.items())},
                    agreement=pct([r["agree"] for r in recs]))
+        row.update(_comparisons(cfg, correct))
         pope = bench.extra_metrics(recs)
         if pope:
             row["pope"] = pope
@@ -436,13 +453,69 @@ def summarize(bench: Benchmark, grid: list[Config], records: list[dict], timing:
     return rows
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def _comparisons(cfg: Config, correct: dict) -> dict:
+    """``vs_unpruned`` and ``vs_random`` (random at the same budget; None for random itself, the unpruned row and
+    budgets random did not run at): paired differences on the same samples (``evals.stats.paired_difference``)."""
+    if cfg.method is None:
+        return dict(vs_unpruned=None, vs_random=None)
+    out = dict(vs_unpruned=dict(paired_difference(correct[cfg.key], correct["unpruned"]), reference="unpruned"))
+    ref = f"random@{cfg.keep}"
+    out["vs_random"] = (dict(paired_difference(correct[cfg.key], correct[ref]), reference=ref)
+                        if ref != cfg.key and ref in correct else None)
+    return out
+
+
+def _proxy_geometry(bench: Benchmark) -> str | None:
+    if bench.kind != "proxy":
+        return None
+    return "next" if bench.name == "proxy-next" else "llava"
+
+
+def blind_row(bench: Benchmark, seed: int, n_train: int = BLIND_TRAIN) -> dict | None:
+    """The blind (question-only) baseline of ``evals.proxy.scenes.blind_baseline`` on exactly the samples of a
+    proxy benchmark loaded with ``seed``: each question answered with its commonest answer among ``n_train``
+    training samples, no image. Returns ``method``, ``accuracy`` (= ``overall``, %), ``correct``, ``n``,
+    ``accuracy_ci`` (95% Wilson), ``families``, ``families_ci``, ``family_counts``, ``chance`` (a uniform guess
+    per family, %) and ``n_train``; None for a benchmark other than the proxy."""
+    geometry = _proxy_geometry(bench)
+    if geometry is None:
+        return None
+    from .proxy.scenes import blind_baseline as question_only, make_sample, split_seed
+
+    items = sorted(bench.items, key=lambda it: it.index)
+    samples = [make_sample(split_seed("test", seed * 1_000_000 + it.index), geometry=geometry) for it in items]
+    for it, s in zip(items, samples):
+        if (it.question, it.answer) != (s.question, s.answer):
+            raise RuntimeError(f"sample {it.index} of the {bench.name} benchmark (seed {seed}) asks {it.question!r} "
+                               f"(answer {it.answer!r}) but its seed gives {s.question!r} ({s.answer!r}); the blind "
+                               f"baseline must be scored on the samples evaluated: evals.benchmarks and "
+                               f"evals.run.blind_row must draw the same seeds")
+    b = question_only(samples, n_train=n_train, geometry=geometry)
+    counts: dict[str, int] = {}
+    for s in samples:
+        counts[s.family] = counts.get(s.family, 0) + 1
+    # correct answers per family, from the percentages (given to 0.1, exact below 1000 samples per family)
+    hits = {f: int(round(b["families"][f] * counts[f] / 100.0)) for f in sorted(b["families"])}
+    k, n = sum(hits.values()), len(samples)
+    return dict(method=BLIND_LABEL, accuracy=b["overall"], overall=b["overall"], correct=k, n=n,
+                accuracy_ci=list(wilson(k, n)), families={f: b["families"][f] for f in sorted(b["families"])},
+                families_ci={f: list(wilson(hits[f], counts[f])) for f in sorted(hits)},
+                family_counts=dict(sorted(counts.items())), chance=dict(sorted(b["chance"].items())),
+                n_train=b["n_train"])
+
+
+def markdown(rows: list[dict], meta: dict, blind: dict | None = None) -> str:
+    """The results table (accuracy with its interval, paired differences, the blind row, cost and time), the
+    per-family table (with the blind and chance rows) when there are several families, and a note."""
     fams = sorted({f for r in rows for f in r["families"]}) if any(len(r["families"]) > 1 for r in rows) else []
-    head = ["method", "keep", "accuracy", "agree", "equiv. tokens", "TFLOPs prefill", "prefill ms", "e2e ms",
-            "KV KiB", "peak MiB"] + fams
+    head = ["method", "keep", "accuracy [95% CI]", "vs unpruned [95% CI]", "vs random, same keep", "agree",
+            "equiv. tokens", "TFLOPs prefill", "prefill ms", "e2e ms", "KV KiB", "peak MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    blind_acc = fmt_accuracy(blind["accuracy"], blind.get("accuracy_ci")) if blind else "n/a"
+    lines.append("| " + " | ".join([BLIND_LABEL, "-", blind_acc] + ["-"] * (len(head) - 3)) + " |")
     for r in rows:
-        cells = [r["method"], budget_label(r["keep"]), f"{r['accuracy']:.1f}",
+        cells = [r["method"], budget_label(r["keep"]), fmt_accuracy(r["accuracy"], r.get("accuracy_ci")),
+                 fmt_difference(r.get("vs_unpruned")), fmt_versus(r.get("vs_random")),
                  f"{r['agreement']:.1f}",
                  f"{r['equivalent_tokens']:.1f}" if "equivalent_tokens" in r else "-",
                  f"{r['tflops_prefill']:.4f}" if "tflops_prefill" in r else "-",
@@ -450,17 +523,43 @@ def markdown(rows: list[dict], meta: dict) -> str:
                  f"{1000 * r['e2e_s']:.1f}" if "e2e_s" in r else "-",
                  f"{r['kv_cache_kib']:.0f}" if r.get("kv_cache_kib") is not None else "-",
                  f"{r['peak_memory_mib']:.0f}" if "peak_memory_mib" in r else "-"]
-        cells += [f"{r['families'].get(f, float('nan')):.1f}" for f in fams]
         lines.append("| " + " | ".join(cells) + " |")
+    if fams:
+        lines += ["", "| method | keep | " + " | ".join(fams) + " |", "|" + "---|" * (len(fams) + 2)]
+        fam_cell = lambda r, f: (fmt_accuracy(r["families"][f], (r.get("families_ci") or {}).get(f))  # noqa: E731
+                                 if f in r.get("families", {}) else "-")
+        if blind:
+            lines.append(f"| {BLIND_LABEL} | - | " + " | ".join(fam_cell(blind, f) for f in fams) + " |")
+            lines.append("| chance (uniform guess) | - | " + " | ".join(
+                f"{blind['chance'][f]:.1f}" if f in blind.get("chance", {}) else "-" for f in fams) + " |")
+        else:
+            lines.append(f"| {BLIND_LABEL} | - | " + " | ".join("n/a" for _ in fams) + " |")
+        for r in rows:
+            lines.append(f"| {r['method']} | {budget_label(r['keep'])} | " + " | ".join(fam_cell(r, f) for f in fams)
+                         + " |")
+        counts = (blind or {}).get("family_counts") or {}
+        if counts:
+            lines.append("\nsamples per family: " + ", ".join(f"{f} {counts[f]}" for f in fams if f in counts))
     label = "proxy figures: " if meta.get("proxy") else ""
+    if blind:
+        blind_note = (f"{BLIND_LABEL}: each question answered with its commonest answer in {blind['n_train']} "
+                      f"training samples, without the image, on the same samples")
+    else:
+        blind_note = (f"{BLIND_LABEL}: n/a, only the proxy benchmark has a question-only baseline (its training "
+                      f"split)")
     note = (f"\n{label}model `{meta['model']}`, benchmark `{meta['benchmark']}`, {meta['n']} samples, seed "
-            f"{meta['seed']}; accuracy and agreement with the unpruned answers in %; latency is the batch-1 median "
-            f"on {meta['device']} ({meta['processes']} process(es)); KV KiB: the KV cache after generating, mean "
-            f"per sample (cost model, the cache's dtype).\n")
+            f"{meta['seed']}; accuracy and agreement with the unpruned answers in %, accuracy with its 95% Wilson "
+            f"interval; vs unpruned / vs random: the paired difference on the same samples in percentage points with "
+            f"its 95% interval, and the exact McNemar test: 'no difference' unless p < {ALPHA} (such methods are "
+            f"not ranked); {blind_note}; latency is the batch-1 median on {meta['device']} ({meta['processes']} "
+            f"process(es)); KV KiB: the KV cache after generating, mean per sample (cost model, the cache's "
+            f"dtype).\n")
     return "\n".join(lines) + "\n" + note
 
 
-def plot(rows: list[dict], path: Path, title: str) -> bool:
+def plot(rows: list[dict], path: Path, title: str, blind: dict | None = None) -> bool:
+    """Accuracy against prefill TFLOPs, one line per method, with 95% intervals where the rows have them and the
+    blind (question-only) accuracy as a dashed line. False when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -471,15 +570,26 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     base = next(r for r in rows if r["method"] == "unpruned")
     for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "unpruned"):
-        pts = sorted(((r["tflops_prefill"], r["accuracy"]) for r in rows
-                      if r["method"] == m and "tflops_prefill" in r))
+        pts = sorted(((r["tflops_prefill"], r["accuracy"], r.get("accuracy_ci")) for r in rows
+                      if r["method"] == m and "tflops_prefill" in r), key=lambda p: p[:2])
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+            ci = [p for p in pts if p[2]]
+            if ci:
+                ax.errorbar([p[0] for p in ci], [p[1] for p in ci], fmt="none", ecolor=line.get_color(), alpha=0.5,
+                            capsize=3, yerr=[[p[1] - p[2][0] for p in ci], [p[2][1] - p[1] for p in ci]])
     if "tflops_prefill" in base:
         ax.scatter([base["tflops_prefill"]], [base["accuracy"]], marker="*", s=220, color="black", zorder=5,
                    label="unpruned")
+        if base.get("accuracy_ci"):
+            lo, hi = base["accuracy_ci"]
+            ax.errorbar([base["tflops_prefill"]], [base["accuracy"]], fmt="none", ecolor="black", capsize=3,
+                        yerr=[[base["accuracy"] - lo], [hi - base["accuracy"]]])
+    if blind and blind.get("accuracy") is not None:
+        ax.axhline(blind["accuracy"], color="grey", linestyle="--", linewidth=1, label=BLIND_LABEL)
     ax.set_xlabel("TFLOPs per request (prefill, vlprune cost model)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy (%), bars: 95% Wilson interval" if any(r.get("accuracy_ci") for r in rows)
+                  else "accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -608,25 +718,29 @@ def run(args: argparse.Namespace) -> dict:
     for f in sorted(rec_dir.glob("records.*.jsonl")):
         records.extend(_read_records(f))
     rows = summarize(bench, grid, records, timing)
+    blind = blind_row(bench, args.seed)
     meta = dict(model=label, benchmark=bench_spec, proxy=proxy, n=len(bench.items), seed=args.seed,
-                processes=world, device=str(device), command="vlprune eval " + " ".join(sys.argv[1:]),
+                processes=world, device=str(device),
+                command=getattr(args, "command", None) or "vlprune eval " + shlex.join(sys.argv[1:]),
                 versions=dict(vlprune=vlprune.__version__, torch=torch.__version__,
                               transformers=transformers.__version__, python=platform.python_version()),
                 max_new_tokens=max_new, prompt_suffix=prompter.suffix, visual_tokens_per_image=n_visual,
-                seconds_this_session=round(time.time() - t_start, 1),
+                seconds_this_session=round(time.time() - t_start, 1), statistics=STATISTICS,
                 note=("proxy figures: a small LVLM trained here on a procedural benchmark, not a pretrained model"
                       if proxy else ""))
-    result = dict(meta=meta, results=rows)
+    result = dict(meta=meta, blind=blind, results=rows)
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "results.md").write_text(markdown(rows, meta))
+    (out / "results.md").write_text(markdown(rows, meta, blind))
     plot(rows, out / "accuracy_vs_tflops.png",
-         f"{'proxy figures: ' if proxy else ''}{label} on {bench_spec}, n={len(bench.items)}")
+         f"{'proxy figures: ' if proxy else ''}{label} on {bench_spec}, n={len(bench.items)}", blind)
     return result
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)
+        args.command = "vlprune eval " + shlex.join(argv)   # the harness's own arguments, once
         result = run(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"vlprune eval: error: {e}", file=sys.stderr)

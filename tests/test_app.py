@@ -300,6 +300,66 @@ def test_harness_results_tab(server):
     assert "proxy-default" in json.dumps(by_id["harness-run"]["props"]["choices"])
     table = by_id["harness-table"]["props"]["value"]["data"]
     assert len(table) >= len(runs["results"]) or len(table) > 0
+    assert table[0][0] == "blind (question only)"
+    headers = by_id["harness-table"]["props"]["value"]["headers"]
+    assert "accuracy % [95% CI]" in headers and "vs random, same keep" in headers
+
+
+def _harness_folder(root, name, data):
+    folder = root / name
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_harness_table_shows_blind_row_and_intervals(tmp_path):
+    """A results.json with the blind baseline and the paired comparisons: the blind row first, every accuracy
+    with its interval, 'no difference' inside the noise, a verdict beyond it."""
+    from vlprune_app.results import find_runs
+
+    def cmp(diff, ci, p, verdict, ref):
+        return dict(diff=diff, ci=ci, p=p, a_only=0, b_only=0, n=200, verdict=verdict, reference=ref)
+
+    rows = [dict(config="unpruned", method="unpruned", keep=None, n=200, accuracy=61.5, accuracy_ci=[54.6, 68.0],
+                 agreement=100.0, vs_unpruned=None, vs_random=None),
+            dict(config="random@64", method="random", keep=64, n=200, accuracy=48.0, accuracy_ci=[41.2, 54.9],
+                 agreement=70.0, vs_unpruned=cmp(-13.5, [-19.0, -8.0], 1e-5, "worse", "unpruned"), vs_random=None),
+            dict(config="pool@64", method="pool", keep=64, n=200, accuracy=49.5, accuracy_ci=[42.6, 56.4],
+                 agreement=72.0, vs_unpruned=cmp(-12.0, [-17.1, -6.9], 1e-4, "worse", "unpruned"),
+                 vs_random=cmp(1.5, [-3.0, 6.0], 0.6, "no difference", "random@64")),
+            dict(config="fastv@64", method="fastv", keep=64, n=200, accuracy=56.0, accuracy_ci=[49.1, 62.7],
+                 agreement=80.0, vs_unpruned=cmp(-5.5, [-9.9, -1.1], 0.02, "worse", "unpruned"),
+                 vs_random=cmp(8.0, [2.1, 13.9], 0.004, "better", "random@64"))]
+    blind = dict(method="blind (question only)", accuracy=25.5, overall=25.5, correct=51, n=200,
+                 accuracy_ci=[19.9, 31.9], families={"text": 9.1}, chance={"text": 10.0}, n_train=3000)
+    _harness_folder(tmp_path, "new", dict(meta=dict(model="proxy", proxy=True, n=200), blind=blind, results=rows))
+    (run,) = find_runs(tmp_path, "proxy")
+    head, table = run.table()
+    col = {h: i for i, h in enumerate(head)}
+    assert table[0][:3] == ["blind (question only)", "-", "25.5 [19.9, 31.9]"]
+    by = {r[0]: r for r in table}
+    assert by["unpruned"][col["accuracy % [95% CI]"]] == "61.5 [54.6, 68.0]"
+    assert by["random"][col["vs unpruned [95% CI]"]] == "-13.5 [-19.0, -8.0]"
+    assert by["random"][col["vs random, same keep"]] == "-"
+    assert by["pool"][col["vs random, same keep"]] == "no difference (p=0.6)"
+    assert by["pool"][col["vs unpruned [95% CI]"]] == "-12.0 [-17.1, -6.9]"
+    assert by["fastv"][col["vs random, same keep"]] == "better: +8.0 [+2.1, +13.9], p=0.004"
+    assert "3000 training samples" in run.caption() and "95% Wilson" in run.caption()
+
+
+def test_harness_table_reads_results_written_before_the_intervals(tmp_path):
+    """results.json files without ``blind``, ``accuracy_ci`` or the comparisons still load: those cells say n/a."""
+    from vlprune_app.results import find_runs
+
+    rows = [dict(config="unpruned", method="unpruned", keep=None, n=200, accuracy=50.0, agreement=100.0),
+            dict(config="pool@64", method="pool", keep=64, n=200, accuracy=40.5, agreement=72.0)]
+    _harness_folder(tmp_path, "old", dict(meta=dict(model="proxy", command="vlprune eval --n 200"), results=rows))
+    (run,) = find_runs(tmp_path, "proxy")
+    head, table = run.table()
+    assert table[0] == ["blind (question only)", "-", "n/a"] + ["-"] * (len(head) - 3)
+    assert table[1][2] == "50.0 [n/a]" and table[2][2] == "40.5 [n/a]"
+    assert table[2][3:5] == ["n/a", "n/a"]
+    assert "n/a" in run.caption()
 
 
 def _chromium():

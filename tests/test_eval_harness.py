@@ -1,4 +1,5 @@
-"""The evaluation harness (evals.run): POPE metrics, sharding over processes, resuming, bad input.
+"""The evaluation harness (evals.run): POPE metrics, intervals and paired tests, the blind baseline, sharding over
+processes, resuming, bad input.
 
 The runs use a tiny random-weight LLaVA saved to a temporary folder (the harness loads it like any local model),
 so these tests check the harness's bookkeeping, not accuracy; the shipped proxy is exercised in test_proxy_model.
@@ -6,7 +7,9 @@ so these tests check the harness's bookkeeping, not accuracy; the shipped proxy 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -141,6 +144,202 @@ def test_kv_column_follows_the_tokens_kept(tmp_path, tiny_dir):
     assert removed == pytest.approx((576 - 64) * per_token / 1024)
     assert rows["random"]["kv_cache_kib"] == pytest.approx(rows["pool"]["kv_cache_kib"])
     assert "| KV KiB |" in (out / "results.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ intervals
+def test_wilson_interval_against_hand_computed_values():
+    from evals.stats import Z95, wilson
+
+    # 0 of 10, z = 1.96: the upper end is (z^2 / n) / (1 + z^2 / n) = 0.38416 / 1.38416 = 0.277540
+    assert wilson(0, 10, z=1.96) == pytest.approx((0.0, 27.7540), abs=1e-3)
+    # 8 of 10, z = 1.96: centre (0.8 + 0.19208) / 1.38416 = 0.716745, half width
+    # 1.96 / 1.38416 * sqrt(0.016 + 0.009604) = 1.416022 * 0.160012 = 0.226581
+    assert wilson(8, 10, z=1.96) == pytest.approx((49.0164, 94.3326), abs=1e-3)
+    # 123 of 200 at z = Z95: z^2 = 3.841459, 1 + z^2 / n = 1.0192073, centre 0.6246036 / 1.0192073 = 0.612833,
+    # half width 1.923027 * sqrt(0.001183875 + 0.0000240091) = 1.923027 * 0.0347546 = 0.066834
+    assert wilson(123, 200) == pytest.approx((54.600, 67.967), abs=2e-3)
+    p, n, z = 123 / 200, 200, Z95
+    d = 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z / d * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert wilson(123, 200) == pytest.approx((100 * (centre - half), 100 * (centre + half)))
+    assert wilson(10, 10)[1] == 100.0 and wilson(0, 10)[0] == 0.0
+    lo, hi = wilson(1, 2)
+    assert lo + hi == pytest.approx(100.0)                       # symmetric about 50% at k = n / 2
+    with pytest.raises(ValueError, match=r"k = 11 correct is more than the n = 10 samples; k must be in 0\.\.10"):
+        wilson(11, 10)
+    with pytest.raises(ValueError, match="n is 0"):
+        wilson(0, 0)
+    with pytest.raises(ValueError, match="k must be a non-negative integer count; got -1"):
+        wilson(-1, 10)
+
+
+def test_mcnemar_exact_against_hand_computed_values():
+    from evals.stats import mcnemar_exact
+
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * (1 + 10) / 2 ** 10)          # 22 / 1024 = 0.0215
+    assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 2 ** 5)                       # 0.0625: 5 of 5 is not enough
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 2 ** 6)                       # 0.03125: 6 of 6 is
+    assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(4, 5) == 1.0
+    # worked example (Fagerland, Lydersen and Laake, BMC Med Res Methodol 2013, 13:91: airway hyper-responsiveness
+    # before and after stem cell transplantation, 1 and 7 discordant pairs): exact conditional p = 0.070
+    assert mcnemar_exact(1, 7) == pytest.approx(18 / 256) and round(mcnemar_exact(1, 7), 3) == 0.070
+    # larger counts stay exact: 40 and 60 discordant, the tail summed with integers
+    tail = sum(math.comb(100, i) for i in range(41))
+    assert mcnemar_exact(40, 60) == pytest.approx(2 * tail / 2 ** 100) and 0.05 < mcnemar_exact(40, 60) < 0.06
+
+
+def test_paired_difference_against_a_worked_example():
+    from evals.stats import fmt_difference, fmt_versus, paired_difference
+
+    # Agresti, Categorical Data Analysis, 10.1: approval of the Prime Minister in two surveys of the same 1600
+    # people: 794 approve both times, 150 first only, 86 second only, 570 neither. Difference of the second
+    # minus the first -0.04, SE sqrt(236 - 64^2 / 1600) / 1600 = 0.009549, 95% interval -0.04 +- 0.018716
+    first = [True] * 794 + [True] * 150 + [False] * 86 + [False] * 570
+    second = [True] * 794 + [False] * 150 + [True] * 86 + [False] * 570
+    d = paired_difference(second, first)
+    assert (d["a_only"], d["b_only"], d["n"]) == (86, 150, 1600)
+    assert d["diff"] == pytest.approx(-4.0)
+    assert d["ci"] == pytest.approx([-5.8716, -2.1284], abs=1e-3)
+    assert d["p"] < 1e-4 and d["verdict"] == "worse"
+    assert fmt_difference(d) == "-4.0 [-5.9, -2.1]"
+    assert fmt_versus(d).startswith("worse: -4.0 [-5.9, -2.1], p=")
+    # 1 and 3 discordant of 10: +20 points, but McNemar p = 2 * (1 + 4) / 16 = 0.625: no difference
+    a = [True] * 5 + [True, True, True, False] + [False]
+    b = [True] * 5 + [False, False, False, True] + [False]
+    d = paired_difference(a, b)
+    assert d["diff"] == pytest.approx(20.0) and d["p"] == pytest.approx(0.625)
+    se = math.sqrt(4 - 2 ** 2 / 10) / 10
+    assert d["ci"] == pytest.approx([100 * (0.2 - 1.959963984540054 * se), 100 * (0.2 + 1.959963984540054 * se)])
+    assert d["verdict"] == "no difference"
+    assert fmt_difference(d).startswith("no difference: +20.0 [")
+    assert fmt_versus(d) == "no difference (p=0.62)"
+    same = paired_difference([True, False, True], [True, False, True])
+    assert same["diff"] == 0 and same["ci"] == [0.0, 0.0] and same["p"] == 1.0 and same["verdict"] == "no difference"
+    with pytest.raises(ValueError, match="different numbers of samples: 3 and 2"):
+        paired_difference([True, True, False], [True, False])
+
+
+def test_markdown_shows_blind_row_intervals_and_no_difference():
+    """A table built from rows whose comparisons are known: intervals in every accuracy cell, the blind and chance
+    rows, 'no difference' for a method inside the noise and a verdict for one beyond it."""
+    from evals.run import markdown
+    from evals.stats import paired_difference, wilson
+
+    base = [True] * 30 + [False] * 10
+    rand = [True] * 20 + [False] * 20
+    near = [True] * 21 + [False] * 19                          # one more right than random: noise
+    far = [True] * 30 + [False] * 10                           # ten more right than random, none fewer: p = 0.002
+    fams = lambda xs: {"counting": 100.0 * sum(xs[:20]) / 20, "text": 100.0 * sum(xs[20:]) / 20}  # noqa: E731
+
+    def row(method, keep, xs):
+        r = dict(config="unpruned" if keep is None else f"{method}@{keep}", method=method, keep=keep, n=40,
+                 accuracy=100.0 * sum(xs) / 40, correct=sum(xs), accuracy_ci=list(wilson(sum(xs), 40)),
+                 families=fams(xs), families_ci={"counting": list(wilson(sum(xs[:20]), 20)),
+                                                 "text": list(wilson(sum(xs[20:]), 20))}, agreement=90.0)
+        if keep is None:
+            r.update(vs_unpruned=None, vs_random=None)
+        else:
+            r["vs_unpruned"] = paired_difference(xs, base)
+            r["vs_random"] = None if method == "random" else paired_difference(xs, rand)
+        return r
+
+    rows = [row("unpruned", None, base), row("random", 64, rand), row("near", 64, near), row("far", 64, far)]
+    blind = dict(method="blind (question only)", accuracy=25.0, overall=25.0, correct=10, n=40,
+                 accuracy_ci=list(wilson(10, 40)), families={"counting": 20.0, "text": 30.0},
+                 families_ci={"counting": list(wilson(4, 20)), "text": list(wilson(6, 20))},
+                 family_counts={"counting": 20, "text": 20}, chance={"counting": 16.7, "text": 10.0}, n_train=3000)
+    meta = dict(model="m", benchmark="proxy", n=40, seed=0, device="cpu", processes=1, proxy=True)
+    md = markdown(rows, meta, blind)
+    lo, hi = wilson(10, 40)
+    assert f"| blind (question only) | - | 25.0 [{lo:.1f}, {hi:.1f}] |" in md
+    lo, hi = wilson(30, 40)
+    assert f"| unpruned | all | 75.0 [{lo:.1f}, {hi:.1f}] | - | - |" in md
+    near_line = next(line for line in md.splitlines() if line.startswith("| near | 64 |"))
+    assert "no difference (p=1)" in near_line
+    far_line = next(line for line in md.splitlines() if line.startswith("| far | 64 |"))
+    assert "better: +25.0 [" in far_line and "p=0.002" in far_line
+    assert "| chance (uniform guess) | - | 16.7 | 10.0 |" in md
+    assert f"| blind (question only) | - | 20.0 [{wilson(4, 20)[0]:.1f}, {wilson(4, 20)[1]:.1f}] |" in md
+    assert "samples per family: counting 20, text 20" in md
+    assert "| blind (question only) | - | n/a |" in markdown(rows, meta, None)
+
+
+def test_harness_records_blind_baseline_intervals_and_the_command_once(tmp_path, tiny_dir):
+    """A run through ``vlprune eval`` on the proxy benchmark: results.json holds the blind baseline of exactly the
+    samples evaluated (every family, with chance), each row's interval and paired comparisons, the table shows
+    them, and the command is recorded as typed, with one 'eval'."""
+    from evals.proxy.scenes import FAMILIES, blind_baseline, make_sample, split_seed
+    from evals.stats import mcnemar_exact, wilson
+    from vlprune.cli import main as cli_main
+
+    out = tmp_path / "blind"
+    args = ["--model", str(tiny_dir), "--out", str(out), "--no-progress", "--latency-samples", "0", "--methods",
+            "pool", "--keep", "64", "--n", "12", "--seed", "3", "--max-new-tokens", "2", "--batch-size", "6"]
+    assert cli_main(["eval", *args]) == 0
+    res = _results(out)
+    assert res["meta"]["command"] == "vlprune eval " + shlex.join(args)
+    assert "eval eval" not in res["meta"]["command"]
+
+    blind = res["blind"]
+    samples = [make_sample(split_seed("test", 3 * 1_000_000 + i)) for i in range(12)]
+    want = blind_baseline(samples)
+    assert set(blind["families"]) == set(FAMILIES) and set(blind["chance"]) == set(FAMILIES)
+    assert blind["families"] == want["families"] and blind["chance"] == want["chance"]
+    assert blind["accuracy"] == want["overall"] and blind["n"] == 12 and blind["n_train"] == 3000
+    assert blind["correct"] == round(want["overall"] * 12 / 100)
+    assert blind["accuracy_ci"] == pytest.approx(list(wilson(blind["correct"], 12)))
+    assert blind["family_counts"] == {f: 2 for f in sorted(FAMILIES)}
+
+    rows = {r["config"]: r for r in res["results"]}
+    recs = _records(out)
+    bench = load_benchmark("proxy", 12, 3)
+    right = {key: [bench.score(recs[(key, it.index)], it) for it in bench.items] for key in rows}
+    for key, r in rows.items():
+        assert r["correct"] == sum(right[key])
+        assert r["accuracy_ci"] == pytest.approx(list(wilson(sum(right[key]), 12)))
+    assert rows["unpruned"]["vs_unpruned"] is None and rows["random@64"]["vs_random"] is None
+    pool = rows["pool@64"]
+    only_pool = sum(a and not b for a, b in zip(right["pool@64"], right["random@64"]))
+    only_random = sum(b and not a for a, b in zip(right["pool@64"], right["random@64"]))
+    assert (pool["vs_random"]["a_only"], pool["vs_random"]["b_only"]) == (only_pool, only_random)
+    assert pool["vs_random"]["p"] == pytest.approx(mcnemar_exact(only_pool, only_random))
+    assert pool["vs_random"]["reference"] == "random@64"
+    assert pool["vs_unpruned"]["diff"] == pytest.approx(pool["accuracy"] - rows["unpruned"]["accuracy"])
+    assert (pool["vs_random"]["verdict"] == "no difference") == (pool["vs_random"]["p"] >= 0.05)
+
+    md = (out / "results.md").read_text()
+    lo, hi = blind["accuracy_ci"]
+    assert f"| blind (question only) | - | {blind['accuracy']:.1f} [{lo:.1f}, {hi:.1f}] |" in md
+    lo, hi = rows["unpruned"]["accuracy_ci"]
+    assert f"| unpruned | all | {rows['unpruned']['accuracy']:.1f} [{lo:.1f}, {hi:.1f}] |" in md
+    assert "| chance (uniform guess) |" in md and "95% Wilson" in md
+    pool_line = next(line for line in md.splitlines() if line.startswith("| pool | 64 |"))
+    verdict = pool["vs_random"]["verdict"]
+    assert ("no difference (p=" if verdict == "no difference" else f"{verdict}: ") in pool_line
+
+
+def test_proxy_evaluate_summary_carries_wilson_intervals():
+    from evals.proxy.evaluate import summarize
+    from evals.stats import wilson
+
+    records = ([dict(family="text", category="text/number", correct=c) for c in (True, False, False, False)]
+               + [dict(family="existence", category="existence/random", correct=c) for c in (True,) * 5 + (False,)])
+    out = summarize(records)
+    assert out["overall"] == 60.0 and out["overall_ci"] == pytest.approx([round(v, 2) for v in wilson(6, 10)])
+    assert out["families_ci"] == {"existence": pytest.approx([round(v, 2) for v in wilson(5, 6)]),
+                                  "text": pytest.approx([round(v, 2) for v in wilson(1, 4)])}
+
+
+def test_blind_is_null_off_the_proxy_benchmark(tmp_path, tiny_dir):
+    bench, imgs = _pope_fixture(tmp_path)
+    out = tmp_path / "pope"
+    assert _run(out, "--benchmark", str(bench), "--images", str(imgs), "--methods", "pool", "--keep", "64",
+                "--n", "4", "--max-new-tokens", "2", model=tiny_dir) == 0
+    res = _results(out)
+    assert "blind" in res and res["blind"] is None
+    assert all("accuracy_ci" in r for r in res["results"])
+    assert "| blind (question only) | - | n/a |" in (out / "results.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -294,7 +493,9 @@ def test_summary_merges_runs_of_two_models(tmp_path):
     out = tmp_path / "sum"
     assert summary_main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
     md = (out / "summary.md").read_text()
-    assert "| a | pool | 64 | 40.0 |" in md and "| b | mqt (proxy-mqt) | 16 | 32.0 |" in md
-    assert "| b | unpruned (proxy-mqt) | all | 34.0 |" in md
+    # runs written before the harness recorded intervals, comparisons and the blind baseline: n/a in those cells
+    assert "| a | pool | 64 | 40.0 [n/a] | n/a | n/a |" in md and "| b | mqt (proxy-mqt) | 16 | 32.0 [n/a] |" in md
+    assert "| b | unpruned (proxy-mqt) | all | 34.0 [n/a] | - | - |" in md
+    assert "| a | blind (question only) | - | n/a |" in md
     assert (out / "accuracy_vs_tflops.png").stat().st_size > 0
     assert summary_main([str(tmp_path / "missing"), "--out", str(out)]) == 2

@@ -5,7 +5,9 @@ budget; one click runs the unpruned model and every chosen method on the shared 
 answer, the kept tokens on the image (merged regions for merging methods), visual tokens per decoder layer,
 TFLOPs and measured prefill and end-to-end times. The advanced section holds every hyperparameter of every
 registered method at its default, built from the registry at start-up. Tab "Harness results": the accuracy
-against TFLOPs results that ``vlprune eval`` wrote for the loaded model.
+against TFLOPs results that ``vlprune eval`` wrote for the loaded model, each accuracy with its 95% interval, the
+paired differences to the unpruned model and to random ("no difference" inside the noise) and the blind
+(question-only) row.
 
 Concurrency: the only event that touches the model is ``/run`` (queue id "model", limit 1, queue API closed to
 direct POSTs), and ``Session.compare`` holds the model lock around apply -> run -> remove. See ``engine.py``.
@@ -372,7 +374,7 @@ def build_demo(session: Session, results_dir=None, limits: Limits | None = None)
                 fig = gr.Image(png0, label="Accuracy against TFLOPs (from the harness)", elem_id="harness-plot",
                                interactive=False, type="pil")
                 tab = gr.Dataframe(value=data0, headers=runs[0].table()[0], label="Harness table",
-                                   elem_id="harness-table", interactive=False)
+                                   elem_id="harness-table", interactive=False, wrap=True)
                 pick.change(show, pick, [cap, fig, tab], queue=False, api_visibility="private")
     demo.queue(default_concurrency_limit=1, max_size=16, api_open=False)
     return demo

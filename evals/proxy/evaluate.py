@@ -7,6 +7,10 @@ the key. It is deterministic: the same model and arguments give the same answers
 ``drop_visual`` (an int) keeps that many visual tokens per image, drawn uniformly at random (seeded per sample),
 by gathering ``inputs_embeds`` before the decoder; it needs nothing from the pruning engine and exists so that
 the benchmark's sensitivity to visual detail can be checked on its own.
+
+Every accuracy comes with its 95% Wilson interval (``overall_ci``, ``families_ci``); ``blind=True`` adds the
+blind (question-only) baseline on the same samples (``scenes.blind_baseline``), which a table of these accuracies
+shows beside them.
 """
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..stats import wilson
 from .model import prompt
-from .scenes import FAMILIES, Sample, make_sample, normalize_answer, render, split_seed
+from .scenes import FAMILIES, Sample, blind_baseline, make_sample, normalize_answer, render, split_seed
 
 __all__ = ["samples", "evaluate", "summarize", "answer"]
 
@@ -86,16 +91,21 @@ def answer(model, processor, batch: Sequence[Sample], drop_visual: int | None = 
 
 
 def summarize(records: Sequence[dict]) -> dict:
-    """Accuracy overall, per family and per category from records with ``family``, ``category``, ``correct``."""
+    """Accuracy overall, per family and per category from records with ``family``, ``category``, ``correct``;
+    ``overall_ci`` and ``families_ci``: their 95% Wilson intervals ([low, high] in %, None without samples)."""
     fam, cat = collections.defaultdict(list), collections.defaultdict(list)
     for r in records:
         fam[r["family"]].append(r["correct"])
         cat[r["category"]].append(r["correct"])
     acc = lambda xs: round(100.0 * sum(xs) / len(xs), 2) if xs else None  # noqa: E731
+    ci = lambda xs: [round(v, 2) for v in wilson(sum(map(bool, xs)), len(xs))] if xs else None  # noqa: E731
+    every = [r["correct"] for r in records]
     return {
         "n": len(records),
-        "overall": acc([r["correct"] for r in records]),
+        "overall": acc(every),
+        "overall_ci": ci(every),
         "families": {f: acc(fam[f]) for f in FAMILIES if f in fam},
+        "families_ci": {f: ci(fam[f]) for f in FAMILIES if f in fam},
         "categories": {c: acc(v) for c, v in sorted(cat.items())},
         "counts": {f: len(fam[f]) for f in FAMILIES if f in fam},
     }
@@ -103,9 +113,10 @@ def summarize(records: Sequence[dict]) -> dict:
 
 def evaluate(model, processor, split: str = "test", n: int = 600, start: int = 0, geometry: str = "llava",
              batch_size: int = 16, drop_visual: int | None = None, seeds: Iterable[int] | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, blind: bool = False) -> dict:
     """Accuracy per family on ``n`` samples of ``split`` (see module docstring). Returns the summary plus
-    ``records`` (seed, family, category, question, answer, prediction, correct) for every sample."""
+    ``records`` (seed, family, category, question, answer, prediction, correct) for every sample, and with
+    ``blind`` the question-only baseline on the same samples (``blind``: ``scenes.blind_baseline``'s dict)."""
     was_training = model.training
     model.eval()
     data = samples(split, n, start, geometry, seeds)
@@ -125,5 +136,7 @@ def evaluate(model, processor, split: str = "test", n: int = 600, start: int = 0
                                 answer=s.answer, prediction=p, correct=p == s.answer))
     model.train(was_training)
     out = summarize(records)
+    if blind:
+        out["blind"] = blind_baseline(data, geometry=geometry)
     out["records"] = records
     return out

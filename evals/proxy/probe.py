@@ -9,11 +9,18 @@ the sign plate) on frozen features, and scores it on scenes of the validation sp
 - ``object``: object patches given their exact kind, and separately their ``colour`` and ``shape``;
 - ``shape_outline`` / ``shape_inner``: ``shape`` on the object patches at its outline and on those inside it;
 - ``digit``: patches of a sign's digit given the digit;
-- ``sign``: patches of the sign plate called so.
+- ``sign``: patches of the sign plate called so;
+- ``shape_balanced`` / ``colour_balanced`` / ``digit_balanced``: the same on object (digit) patches as the mean
+  recall over the 5 shapes (6 colours, 10 digits), so that a probe answering the commonest class of a skewed
+  validation set does not score above chance;
+- ``shape_small`` / ``shape_small_balanced``: ``shape`` on the patches of small objects (at most 20 px, the ones
+  the ``fine`` family asks about), and ``shape_large`` on those of medium and large objects (``patch_sizes``).
 
 A decoder can only answer what the tokens it receives carry, so these figures bound what the proxy's
 question families can reach: shape questions need ``shape``, the text family needs ``digit``.
-``python -m evals.proxy.probe [--model llava|FOLDER]`` prints them as JSON.
+``python -m evals.proxy.probe [--model llava|FOLDER|tower.pt]`` prints them as JSON: ``--model`` is the shipped
+proxy, a saved LLaVA proxy folder, or a stage-0 ``tower.pt`` of ``evals.proxy.recipe`` (or a folder holding one
+and no ``config.json``), loaded into a fresh LLaVA-1.5 proxy.
 """
 from __future__ import annotations
 
@@ -26,9 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .scenes import COMBOS, N_PATCH_CLASSES, make_scene, patch_labels, render, split_seed
+from .scenes import COMBOS, N_PATCH_CLASSES, _draw, make_scene, patch_labels, render, split_seed
 
-__all__ = ["probe", "probe_features", "tower_features", "scene_batch", "patch_targets"]
+__all__ = ["probe", "probe_features", "tower_features", "scene_batch", "patch_targets", "patch_sizes",
+           "balanced_accuracy", "load_model"]
 
 _N_OBJ = len(COMBOS)
 
@@ -41,6 +49,33 @@ def scene_batch(split: str, start: int, n: int):
 def patch_targets(scenes) -> torch.Tensor:
     """(n, patches) int64 patch classes of ``scenes`` (``scenes.patch_labels``, row-major)."""
     return torch.from_numpy(np.stack([patch_labels(s).reshape(-1) for s in scenes]))
+
+
+def patch_sizes(scene, patch: int = 14) -> np.ndarray:
+    """(rows, cols) int64 size map of the patch grid: 0 for a patch ``scenes.patch_labels`` gives no object kind,
+    1 for one showing a small object, 2 for one showing a medium or large object. Where objects of the patch's
+    kind and of both size groups share a patch, the group with more of its pixels there decides."""
+    from PIL import Image, ImageDraw
+
+    lab = patch_labels(scene, patch)
+    w, h = scene.width, scene.height
+    im = Image.new("L", (w, h), 0)
+    d = ImageDraw.Draw(im)
+    for o in scene.objects:                      # drawn in the order patch_labels draws them: the same overlaps
+        _draw(d, o, 1 + 2 * COMBOS.index((o.colour, o.shape)) + (o.size != "small"))
+    rows, cols = lab.shape
+    a = np.asarray(im, dtype=np.int64)[: rows * patch, : cols * patch]
+    a = a.reshape(rows, patch, cols, patch).transpose(0, 2, 1, 3).reshape(rows * cols, patch * patch)
+    n_codes = 1 + 2 * _N_OBJ
+    counts = np.bincount((np.arange(rows * cols)[:, None] * n_codes + a).ravel(), minlength=rows * cols * n_codes)
+    counts = counts.reshape(rows * cols, n_codes)
+    flat = lab.reshape(-1)
+    out = np.zeros(rows * cols, np.int64)
+    obj = np.nonzero((flat >= 1) & (flat <= _N_OBJ))[0]
+    small = counts[obj, 1 + 2 * (flat[obj] - 1)]
+    large = counts[obj, 2 + 2 * (flat[obj] - 1)]
+    out[obj] = np.where(small > large, 1, 2)
+    return out.reshape(rows, cols)
 
 
 def tower_features(model, processor, batch_size: int = 16) -> Callable:
@@ -71,7 +106,22 @@ def _edge(lab: torch.Tensor, side: int = 24) -> torch.Tensor:
     return diff.reshape(-1)
 
 
-def _scores(pred: torch.Tensor, lab: torch.Tensor) -> dict:
+def balanced_accuracy(mask: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, classes: Sequence[int]):
+    """Mean recall over the ``classes`` that occur in ``target[mask]`` (each class's share of its masked samples
+    that ``pred`` gets right), rounded to 4 places; None when ``mask`` selects nothing."""
+    if not mask.any():
+        return None
+    p, t = pred[mask], target[mask]
+    recalls = [float((p[t == c] == c).float().mean()) for c in classes if (t == c).any()]
+    return round(sum(recalls) / len(recalls), 4) if recalls else None
+
+
+def _scores(pred: torch.Tensor, lab: torch.Tensor, size: torch.Tensor | None = None) -> dict:
+    """The probe's figures (module doc) from flat patch predictions ``pred`` and classes ``lab``; ``size`` (flat
+    ``patch_sizes``) adds ``shape_small``, ``shape_small_balanced`` and ``shape_large`` (None without it)."""
+    if size is not None and size.shape != lab.shape:
+        raise ValueError(f"size map {tuple(size.shape)} does not match the patch classes {tuple(lab.shape)}; pass "
+                         f"one patch_sizes entry per patch class (the same scenes, flattened the same way)")
     obj = (lab >= 1) & (lab <= _N_OBJ)
     dig = (lab > _N_OBJ) & (lab < N_PATCH_CLASSES - 1)
     sign = lab == N_PATCH_CLASSES - 1
@@ -80,6 +130,9 @@ def _scores(pred: torch.Tensor, lab: torch.Tensor) -> dict:
     acc = lambda m, a, b: round(float((a[m] == b[m]).float().mean()), 4) if m.any() else None  # noqa: E731
     colour = lambda x: (x - 1) // 5  # noqa: E731   COMBOS is colour-major over 5 shapes
     shape = lambda x: (x - 1) % 5    # noqa: E731
+    shape_pred, colour_pred = torch.where(is_obj, shape(pred), -1), torch.where(is_obj, colour(pred), -1)
+    small = obj & (size == 1) if size is not None else None
+    large = obj & (size == 2) if size is not None else None
     return {
         "background": acc(lab == 0, pred, lab),
         "object": acc(obj, pred, lab),
@@ -90,8 +143,17 @@ def _scores(pred: torch.Tensor, lab: torch.Tensor) -> dict:
         # shape on an object's outline patches against its inner patches, which see no edge of their own
         "shape_outline": acc(obj & edge, torch.where(is_obj, shape(pred), -1), shape(lab)),
         "shape_inner": acc(obj & ~edge, torch.where(is_obj, shape(pred), -1), shape(lab)),
+        "shape_balanced": balanced_accuracy(obj, shape_pred, shape(lab), range(5)),
+        "colour_balanced": balanced_accuracy(obj, colour_pred, colour(lab), range(len(COMBOS) // 5)),
+        "digit_balanced": balanced_accuracy(dig, pred, lab, range(_N_OBJ + 1, _N_OBJ + 11)),
+        "shape_small": acc(small, shape_pred, shape(lab)) if small is not None else None,
+        "shape_small_balanced": balanced_accuracy(small, shape_pred, shape(lab), range(5)) if small is not None
+        else None,
+        "shape_large": acc(large, shape_pred, shape(lab)) if large is not None else None,
         "patches": {"object": int(obj.sum()), "inner": int((obj & ~edge).sum()), "digit": int(dig.sum()),
-                    "sign": int(sign.sum()), "background": int((lab == 0).sum())},
+                    "sign": int(sign.sum()), "background": int((lab == 0).sum()),
+                    "small": int(small.sum()) if small is not None else None,
+                    "large": int(large.sum()) if large is not None else None},
     }
 
 
@@ -124,7 +186,8 @@ def probe_features(features: Callable, train_scenes: Sequence, eval_scenes: Sequ
             opt.step()
     with torch.no_grad():
         pred = head(xev.flatten(0, 1)).argmax(-1)
-    out = _scores(pred, yev.flatten())
+    sizes = torch.from_numpy(np.stack([patch_sizes(s).reshape(-1) for s in eval_scenes]))
+    out = _scores(pred, yev.flatten(), sizes.flatten())
     out.update(train_scenes=len(train_scenes), eval_scenes=len(eval_scenes))
     return out
 
@@ -137,16 +200,50 @@ def probe(model, processor, n_train: int = 256, n_eval: int = 64, epochs: int = 
                           epochs=epochs, seed=seed)
 
 
+_MODEL_FORMS = ("'llava' (the shipped proxy), a saved LLaVA proxy folder (with config.json), or a stage-0 "
+                "tower.pt file of `python -m evals.proxy.recipe tower` (or a folder holding tower.pt)")
+
+
+def load_model(spec: str):
+    """``(model, processor)`` for ``--model``: 'llava', a saved LLaVA proxy folder, or a stage-0 ``tower.pt`` (a
+    file, or a folder holding one and no ``config.json``) loaded into a fresh LLaVA-1.5 proxy."""
+    from pathlib import Path
+
+    from . import load
+
+    if spec == "llava":
+        return load()
+    p = Path(spec)
+    if p.is_dir() and (p / "config.json").exists():
+        return load("llava", folder=p)
+    tower = p / "tower.pt" if p.is_dir() else p
+    if not tower.is_file():
+        what = "a folder with neither config.json nor tower.pt" if p.is_dir() else "no such file or folder"
+        raise FileNotFoundError(f"--model {spec!r}: {what}; pass {_MODEL_FORMS}")
+    from .model import build_model, build_processor
+    from .recipe import load_tower_file
+
+    model = build_model("llava")
+    try:
+        load_tower_file(model, tower)
+    except Exception as e:  # noqa: BLE001  not a torch file, or not a tower state dict of the LLaVA proxy
+        raise ValueError(f"--model {spec!r}: {tower} is not a stage-0 tower file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); pass {_MODEL_FORMS}") from e
+    return model.eval(), build_processor("llava")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m evals.proxy.probe", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="llava", help="'llava' (the shipped proxy) or a saved proxy folder")
+    ap.add_argument("--model", default="llava", help=f"{_MODEL_FORMS}")
     ap.add_argument("--train", type=int, default=256, help="train-split scenes the probe is fitted on")
     ap.add_argument("--eval", type=int, default=64, help="validation scenes it is scored on")
     ap.add_argument("--epochs", type=int, default=8)
     args = ap.parse_args(argv)
-    from . import load
-
-    model, proc = load() if args.model == "llava" else load("llava", folder=args.model)
+    try:
+        model, proc = load_model(args.model)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(probe(model, proc, args.train, args.eval, args.epochs), indent=1))
     return 0
 

@@ -2,6 +2,7 @@
 
     python -m evals.proxy.recipe tower --out runs/v2            # stage 0: the vision tower alone, on crops
     python -m evals.proxy.recipe decoder --out runs/v2          # stages 1-3: projector + decoder, tower frozen
+    python -m evals.proxy.recipe next --out runs/v2             # stage B: the AnyRes (LLaVA-NeXT) proxy
 
 Stage 0 (``tower``) trains the CLIP tower of a fresh LLaVA-1.5 proxy alone (``pretrain.train_vision``: crops of
 6x6 and 12x12 patches and whole scenes in turn, sin-cos positions, mimetic attention init, a CNN teacher) and
@@ -103,7 +104,16 @@ def main(argv=None) -> int:
     d.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpointed)")
     d.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="bf16 autocast or float32 (auto: bf16 where the device computes it natively)")
-    for p in (t, d):
+    n = sub.add_parser("next", help="stage B: the AnyRes (LLaVA-NeXT) proxy from OUT/llava-proxy, into "
+                       "OUT/llava-next-proxy")
+    n.add_argument("--out", required=True)
+    n.add_argument("--steps", type=int, default=300)
+    n.add_argument("--batch-size", type=int, default=2, help="high-resolution scenes per step")
+    n.add_argument("--turns", type=int, default=8)
+    n.add_argument("--lr", type=float, default=3e-4)
+    n.add_argument("--val-n", type=int, default=120, help="high-resolution validation samples at the end")
+    n.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    for p in (t, d, n):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", type=_device, default="auto")
         p.add_argument("--threads", type=int, default=0, help="torch threads on a CPU (0: all cores)")
@@ -126,9 +136,42 @@ def main(argv=None) -> int:
         rec = train_tower(out, args.steps, args.teacher_steps, args.batch_size, args.lr, args.crop, args.seed,
                           args.device, log)
         log(json.dumps(dict(stage="tower", seconds=rec["seconds"])))
-    else:
+    elif args.stage == "decoder":
         train_decoder_stage(args, out, log)
+    else:
+        train_next(args, out, log)
     return 0
+
+
+def train_next(args, out: Path, log) -> None:
+    """The ``next`` command: every weight of ``OUT/llava-proxy`` copied into LLaVA-NeXT (``image_newline`` drawn
+    fresh); projector, decoder and ``image_newline`` fine-tuned on multi-turn conversations about 672x336 /
+    336x672 scenes (``train.train_stage``), the tower frozen; saved to ``OUT/llava-next-proxy``."""
+    from . import load
+    from .evaluate import evaluate
+    from .train import train_stage, use_bf16
+
+    bf16 = use_bf16(args.precision, args.device)
+    base, proc = load("llava", folder=out / "llava-proxy")
+    nxt = pm.next_from_llava(base, seed=args.seed)
+    nproc = pm.build_processor("next", proc.tokenizer)
+
+    def val(m):
+        r = evaluate(m, nproc, "validation", n=args.val_n, geometry="next", batch_size=8)
+        return {k: r[k] for k in ("overall", "families")}
+
+    t0 = time.time()
+    hist = train_stage(nxt, nproc, "next", args.steps, args.batch_size, args.lr, args.seed + 1, args.device, bf16,
+                       0, args.turns, log, freeze_vision=True, eval_every=args.steps,
+                       eval_fn=val if args.val_n else None)
+    rec = dict(command="python -m evals.proxy.recipe " + " ".join(sys.argv[1:]), device=str(args.device),
+               gpu=torch.cuda.get_device_name(0) if args.device.type == "cuda" else None,
+               threads=torch.get_num_threads(), torch=torch.__version__, bf16=bf16, steps=args.steps,
+               batch_size=args.batch_size, turns=args.turns, lr=args.lr, seconds=round(time.time() - t0, 1),
+               history=hist)
+    nxt.to("cpu").float().eval()
+    pm.save(nxt.to(torch.bfloat16), nproc, out / "llava-next-proxy", extra=rec)
+    log(json.dumps(dict(stage="next", saved=str(out / "llava-next-proxy"), seconds=rec["seconds"])))
 
 
 def _stages(text: str) -> list:
