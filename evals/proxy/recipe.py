@@ -28,25 +28,38 @@ __all__ = ["train_tower", "load_tower_file", "main"]
 
 
 def train_tower(out: Path, steps: int, teacher_steps: int, batch_size: int, lr: float, sides, seed: int,
-                device: torch.device, log) -> dict:
-    """Stage 0 of the v2 recipe into ``out/tower.pt``; returns the saved record."""
+                device: torch.device, log, start=None) -> dict:
+    """Stage 0 of the v2 recipe into ``out/tower.pt``; returns the saved record. ``start``: a ``tower.pt`` to
+    continue from (a new learning-rate schedule of ``steps`` steps; the record keeps the earlier run's)."""
     from .pretrain import mimetic_init, train_teacher, train_vision
     from .train import AuxHeads, sincos_positions
 
     model = pm.build_model("llava", seed=seed)
     proc = pm.build_processor("llava")
     heads = AuxHeads(model.config.vision_config.hidden_size)
-    sincos_positions(model)
-    mimetic_init(model.model.vision_tower, seed=seed)
+    before = None
+    if start is not None:
+        before = load_tower_file(model, start)
+        blob = torch.load(Path(start) / "tower.pt" if Path(start).is_dir() else start, map_location="cpu",
+                          weights_only=True)
+        if "heads" in blob:
+            heads.load_state_dict(blob["heads"])
+    else:
+        sincos_positions(model)
+        mimetic_init(model.model.vision_tower, seed=seed)
     t0 = time.time()
     teacher = train_teacher(teacher_steps, batch_size, seed, device, sides[0], log=log) if teacher_steps else None
     hist = train_vision(model, proc, heads, steps, batch_size, lr, seed, device, log,
                         eval_every=max(25, steps // 6 // 25 * 25), sides=sides, teacher=teacher)
     rec = dict(seconds=round(time.time() - t0, 1), steps=steps, teacher_steps=teacher_steps, batch_size=batch_size,
                lr=lr, sides=list(sides), seed=seed, device=str(device), history=hist)
+    if before is not None:
+        rec = dict(rec, seconds=round(rec["seconds"] + before.get("seconds", 0), 1),
+                   steps=steps + before.get("steps", 0), continued_from=before)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().float() for k, v in model.model.vision_tower.state_dict().items()}
-    torch.save(dict(tower=state, record=rec), out / "tower.pt")
+    hstate = {k: v.detach().cpu().float() for k, v in heads.state_dict().items()}
+    torch.save(dict(tower=state, heads=hstate, record=rec), out / "tower.pt")
     return rec
 
 
@@ -85,6 +98,8 @@ def main(argv=None) -> int:
     t.add_argument("--batch-size", type=int, default=96, help="crops of the first side per step")
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--crop", type=_sides, default=[6, 12, 24])
+    t.add_argument("--from", dest="start", default=None, metavar="TOWER_PT",
+                   help="continue from a stage-0 tower.pt (a new schedule of --steps steps)")
     d = sub.add_parser("decoder", help="stages 1-3: projector + decoder on cached tokens of OUT/tower.pt, into "
                        "OUT/llava-proxy")
     d.add_argument("--out", required=True)
@@ -134,7 +149,7 @@ def main(argv=None) -> int:
                         threads=torch.get_num_threads())))
     if args.stage == "tower":
         rec = train_tower(out, args.steps, args.teacher_steps, args.batch_size, args.lr, args.crop, args.seed,
-                          args.device, log)
+                          args.device, log, start=args.start)
         log(json.dumps(dict(stage="tower", seconds=rec["seconds"])))
     elif args.stage == "decoder":
         train_decoder_stage(args, out, log)
