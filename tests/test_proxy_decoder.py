@@ -108,3 +108,27 @@ def test_cli_smoke_run_writes_a_loadable_llava_proxy(tmp_path):
     assert model.config.text_config.num_hidden_layers == 16
     with pytest.raises(SystemExit):
         main(["decoder", "--out", str(out), "--stages", "100:2:2"])
+
+
+def test_grounding_loss_is_minus_log_attention_mass(tok):
+    """With q = 0 the head attends uniformly over the positions up to each answer's, so the loss is
+    log(allowed / shown) per answer: an independent count."""
+    from evals.proxy.decoder import grounding_loss
+
+    model = pm.build_model("llava", seed=0)
+    ss = _samples(3)
+    b = conversation_batch(tok, ss, 3, np.random.default_rng(2), 64)
+    ids, rows, at, ground = b["input_ids"], b["rows"], b["at"], b["ground"]
+    cfg = model.config.text_config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    q = torch.zeros(ids.shape[0], ids.shape[1], cfg.num_attention_heads * hd)
+    k = torch.randn(ids.shape[0], ids.shape[1], cfg.num_key_value_heads * hd)
+    keep = ground.any(-1)
+    assert keep.any() and not keep.all()                   # some answers show objects, absent kinds show none
+    want = torch.log((at[keep] + 1).float() / ground[keep].sum(-1).float()).mean()
+    got = grounding_loss(model, q, k, ids, rows, at, ground)
+    assert torch.allclose(got, want, atol=1e-5), (got, want)
+    # the mask marks the image blocks of the objects asked about: a positive existence answer shows its object
+    first = int(torch.nonzero(ids[0] == model.config.image_token_id)[0, 0])
+    assert ground.shape[1] == 64 and first == 3
+    assert float(grounding_loss(model, q, k, ids, rows, at, torch.zeros_like(ground))) == 0.0

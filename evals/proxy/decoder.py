@@ -14,6 +14,10 @@ What passes it is optimizer steps on cheap sequences and many answers per image,
   576 (``STAGES``); counting and spatial questions need the last (an object spanning blocks is counted twice at
   64, and 42 px blocks are coarser than the spatial questions' 16 px margin);
 - families staged in: the first ``existence_steps`` steps ask existence questions only (the lookup itself);
+- with ``ground_weight``, a grounding loss trains one attention head (``GROUND_LAYER``, ``GROUND_HEAD``) to look,
+  from each answer's predicting position, at the image tokens of the objects the question is about: a direct
+  gradient for the "match" half of the lookup. Methods that score visual tokens by decoder attention may find a
+  cleaner signal in a model trained so than in a real LVLM;
 - AdamW with warmup, no weight decay on embeddings, norms and biases, a cosine decay over the last stage.
 
 Step ``i`` of a run is a pure function of (seed, i), and ``checkpoint.pt`` (written every ``checkpoint_minutes``
@@ -33,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import model as pm
-from .scenes import FAMILIES, make_sample, split_seed, train_turns
+from .scenes import FAMILIES, make_sample, ref_patches, split_seed, train_turns
 
 __all__ = ["Stage", "STAGES", "TokenCache", "tower_tokens", "pool_tokens", "conversation_batch", "train_decoder",
            "fast_eval"]
@@ -125,13 +129,19 @@ def conversation_batch(tok, samples, turns: int, rng: np.random.Generator, token
     all, only questions of those families are asked (the planned one replaced by one asked about the scene).
 
     Returns ``input_ids`` (B, T), ``rows``/``at`` (A,) the sequence and position that predicts each answer word,
-    ``target`` (A,) its token, ``family`` (A,) its index in FAMILIES, and ``n_turns``."""
-    texts, fams = [], []
+    ``target`` (A,) its token, ``family`` (A,) its index in FAMILIES, and ``ground`` (A, tokens) the image tokens
+    that show the objects (or the sign) the answer depends on (none for absent objects)."""
+    texts, fams, ground = [], [], []
+    side = int(round(math.sqrt(tokens)))
     for s in samples:
         first = (s.question, s.answer, s.category, s.refs) if s.family in families else None
         qa = train_turns(s.scene, rng, turns, first=first, families=families)
         texts.append("".join(f"{pm.prompt(q, image=i == 0)} {a}</s>" for i, (q, a, _, _) in enumerate(qa)))
         fams.append([FAMILIES.index(c.split("/")[0]) for _, _, c, _ in qa])
+        for _, _, _, refs in qa:
+            g = ref_patches(s.scene, refs) if refs else np.zeros(GRID * GRID, bool)
+            k = GRID // side                                          # a block is shown if any of its patches is
+            ground.append(g.reshape(side, k, side, k).any((1, 3)).reshape(-1))
     enc = tok(texts)["input_ids"]
     img = tok.convert_tokens_to_ids("<image>")
     seqs = []
@@ -149,7 +159,8 @@ def conversation_batch(tok, samples, turns: int, rng: np.random.Generator, token
     family = torch.tensor([f for fs in fams for f in fs], dtype=torch.long)
     if family.numel() != rows.numel():
         raise RuntimeError(f"{rows.numel()} answers found in the sequences, {family.numel()} turns asked")
-    return dict(input_ids=ids, rows=rows, at=at, target=ids[rows, at + 1], family=family)
+    return dict(input_ids=ids, rows=rows, at=at, target=ids[rows, at + 1], family=family,
+                ground=torch.from_numpy(np.stack(ground)))
 
 
 def _forward(model, ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -162,11 +173,56 @@ def _forward(model, ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
     return lm(inputs_embeds=emb, use_cache=False).last_hidden_state
 
 
-def batch_loss(model, batch: dict, feats: torch.Tensor, eos_weight: float = 0.1) -> tuple[torch.Tensor, dict]:
+GROUND_LAYER, GROUND_HEAD = 4, 0
+
+
+def grounding_loss(model, q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor,
+                   at: torch.Tensor, ground: torch.Tensor) -> torch.Tensor:
+    """-log of the attention mass that head ``GROUND_HEAD`` of layer ``GROUND_LAYER`` puts, from each answer's
+    predicting position, on the image tokens of ``ground`` (answers without any are skipped). The head's scores
+    are recomputed from its captured q/k projections (``q``, ``k``: (B, T, heads * head_dim)) with RoPE, for those
+    rows only."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    keep = ground.any(-1)
+    if not bool(keep.any()):
+        return q.new_zeros((), dtype=torch.float32)
+    cfg = model.config.text_config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    b_, t_ = ids.shape
+    qh = q.view(b_, t_, -1, hd)[:, :, GROUND_HEAD]
+    kh = k.view(b_, t_, -1, hd)[:, :, GROUND_HEAD // group]
+    pos = torch.arange(t_, device=ids.device)[None].expand(b_, -1)
+    cos, sin = model.model.language_model.rotary_emb(qh, pos)
+    qh, kh = apply_rotary_pos_emb(qh[:, None], kh[:, None], cos, sin)
+    qh, kh = qh[:, 0].float(), kh[:, 0].float()
+    r, a, g = rows[keep], at[keep], ground[keep]
+    logits = torch.einsum("rd,rtd->rt", qh[r, a], kh[r]) / math.sqrt(hd)            # (R, T)
+    logits = logits.masked_fill(torch.arange(t_, device=ids.device)[None] > a[:, None], float("-inf"))
+    first = int(torch.nonzero(ids[0] == model.config.image_token_id)[0, 0])         # same prefix in every row
+    target = torch.zeros_like(logits, dtype=torch.bool)
+    target[:, first:first + g.shape[1]] = g
+    return (torch.logsumexp(logits, -1) - torch.logsumexp(logits.masked_fill(~target, float("-inf")), -1)).mean()
+
+
+def batch_loss(model, batch: dict, feats: torch.Tensor, eos_weight: float = 0.1,
+               ground_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     """The mean over families of each family's mean answer-word loss, plus ``eos_weight`` times the ``</s>``
-    loss; and the logged parts (``answer``: the plain mean answer-word loss; per family)."""
+    loss and ``ground_weight`` times :func:`grounding_loss`; and the logged parts (``answer``: the plain mean
+    answer-word loss; per family; ``ground``)."""
     device = feats.device
-    h = _forward(model, batch["input_ids"].to(device), feats)
+    store: dict = {}
+    hooks = []
+    if ground_weight:
+        attn = model.model.language_model.layers[GROUND_LAYER].self_attn
+        hooks = [attn.q_proj.register_forward_hook(lambda m, a, o: store.__setitem__("q", o)),
+                 attn.k_proj.register_forward_hook(lambda m, a, o: store.__setitem__("k", o))]
+    try:
+        h = _forward(model, batch["input_ids"].to(device), feats)
+    finally:
+        for hk in hooks:
+            hk.remove()
     rows, at = batch["rows"].to(device), batch["at"].to(device)
     logits = model.lm_head(h[rows, at]).float()
     ce = F.cross_entropy(logits, batch["target"].to(device), reduction="none")
@@ -177,6 +233,11 @@ def batch_loss(model, batch: dict, feats: torch.Tensor, eos_weight: float = 0.1)
     loss = torch.stack(list(per.values())).mean() + eos_weight * eos
     parts = dict(answer=float(ce.mean().detach()), eos=float(eos.detach()),
                  **{f"answer_{k}": float(v.detach()) for k, v in per.items()})
+    if ground_weight:
+        lg = grounding_loss(model, store["q"], store["k"], batch["input_ids"].to(device), rows, at,
+                            batch["ground"].to(device))
+        loss = loss + ground_weight * lg
+        parts["ground"] = float(lg.detach())
     return loss, parts
 
 
@@ -230,7 +291,7 @@ def train_decoder(model, tok, cache: TokenCache, stages, out: Path, *, seed: int
                   warmup: int = 100, weight_decay: float = 0.05, turns: int = 8, existence_steps: int = 300,
                   device: torch.device = torch.device("cpu"), val: tuple | None = None, eval_every: int = 250,
                   checkpoint_minutes: float = 15.0, resume: bool = False, log=print, max_steps: int | None = None,
-                  bf16: bool = False) -> list[dict]:
+                  bf16: bool = False, ground_weight: float = 0.0) -> list[dict]:
     """Train the projector and decoder of ``model`` (its tower frozen) through ``stages`` on ``cache``.
     ``val`` = (samples, tokens (n, 576, D)) is scored by :func:`fast_eval` every ``eval_every`` steps and at
     each stage's end. ``max_steps`` stops early (for tests); the checkpoint is then written."""
@@ -271,7 +332,7 @@ def train_decoder(model, tok, cache: TokenCache, stages, out: Path, *, seed: int
         batch = conversation_batch(tok, [cache.samples[i] for i in idx], turns, rng, stage.tokens, fams)
         feats = pool_tokens(cache.feats[torch.from_numpy(idx)].float(), stage.tokens).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, parts = batch_loss(model, batch, feats)
+            loss, parts = batch_loss(model, batch, feats, ground_weight=ground_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

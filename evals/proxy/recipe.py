@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--warmup", type=int, default=100)
     d.add_argument("--existence-steps", type=int, default=300, help="first steps ask existence questions only")
+    d.add_argument("--ground-weight", type=float, default=0.5,
+                   help="weight of the grounding loss on one decoder head (0: none)")
     d.add_argument("--val-n", type=int, default=360, help="validation samples scored during training")
     d.add_argument("--eval-every", type=int, default=250)
     d.add_argument("--checkpoint-minutes", type=float, default=15.0)
@@ -230,7 +232,8 @@ def train_decoder_stage(args, out: Path, log) -> None:
     hist = train_decoder(model, tok, cache, args.stages, out, seed=args.seed, lr=args.lr, warmup=args.warmup,
                          turns=args.turns, existence_steps=args.existence_steps, device=args.device, val=val,
                          eval_every=args.eval_every, checkpoint_minutes=args.checkpoint_minutes,
-                         resume=args.resume, log=log, max_steps=args.max_steps, bf16=bf16)
+                         resume=args.resume, log=log, max_steps=args.max_steps, bf16=bf16,
+                         ground_weight=args.ground_weight)
     total = sum(s.steps for s in args.stages)
     done = hist[-1]["step"] if hist else 0
     rec = dict(command="python -m evals.proxy.recipe " + " ".join(sys.argv[1:]), device=str(args.device),
@@ -238,6 +241,7 @@ def train_decoder_stage(args, out: Path, log) -> None:
                threads=torch.get_num_threads(), torch=torch.__version__, bf16=bf16, seconds=round(time.time() - t0, 1),
                stages=[vars(s) if hasattr(s, "__dict__") else s.__dict__ for s in args.stages], steps_done=done,
                steps_total=total, cache=args.cache, turns=args.turns, lr=args.lr, existence_steps=args.existence_steps,
+               ground_weight=args.ground_weight,
                tower=tower_rec, history=hist)
     if done >= total:
         if val is not None:
