@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -132,3 +133,33 @@ def test_grounding_loss_is_minus_log_attention_mass(tok):
     first = int(torch.nonzero(ids[0] == model.config.image_token_id)[0, 0])
     assert ground.shape[1] == 64 and first == 3
     assert float(grounding_loss(model, q, k, ids, rows, at, torch.zeros_like(ground))) == 0.0
+
+
+def test_block_words_name_what_covers_each_block(tok):
+    """An independent reading of a constructed scene: the block under an object's centre names its colour and
+    shape, an empty block names nothing, the digit's block names the digit."""
+    import dataclasses
+
+    from evals.proxy.decoder import alignment_loss, block_words
+    from evals.proxy.scenes import Obj, Sign, make_scene
+
+    base = make_scene(5, n_objects=0)
+    obj = Obj("triangle", "purple", "large", x=3 * 42 + 21, y=1 * 42 + 21, s=40)
+    sign = Sign("7", x0=6 * 42 + 4, y0=6 * 42 + 4, scale=4)
+    scene = dataclasses.replace(base, objects=(obj,), sign=sign)
+    sample = dataclasses.replace(make_sample(split_seed("train", 0)), scene=scene)
+    w = block_words(tok, [sample], 64)[0]                                   # (64, 2)
+    assert tok.convert_ids_to_tokens(w[1 * 8 + 3].tolist()) == ["purple", "triangle"]
+    assert w[0].tolist() == [-100, -100] and w[7 * 8 + 0].tolist() == [-100, -100]
+    assert tok.convert_ids_to_tokens(w[6 * 8 + 6].tolist()) == ["7", "7"]
+    named = (w[:, 0] >= 0).nonzero().flatten().tolist()
+    assert 1 * 8 + 3 in named and len(named) <= 4 + 4                      # the object's and the sign's blocks only
+    # the loss is low exactly when the image tokens point at their words (at best log 2 for a block named by
+    # two words, 0 for the digit's), and log(vocabulary) for tokens that point nowhere
+    model = pm.build_model("llava", seed=0)
+    emb = model.model.language_model.embed_tokens.weight.detach()
+    good = torch.zeros(1, 64, emb.shape[1])
+    for i in named:
+        good[0, i] = 300 * (emb[w[i, 0]] + emb[w[i, 1]])
+    assert float(alignment_loss(model, good, w[None])) < 1.5
+    assert float(alignment_loss(model, torch.zeros_like(good), w[None])) == pytest.approx(math.log(emb.shape[0]), abs=1e-4)

@@ -18,6 +18,9 @@ What passes it is optimizer steps on cheap sequences and many answers per image,
   from each answer's predicting position, at the image tokens of the objects the question is about: a direct
   gradient for the "match" half of the lookup. Methods that score visual tokens by decoder attention may find a
   cleaner signal in a model trained so than in a real LVLM;
+- with ``align_weight``, an alignment loss (LLaVA's projector-alignment stage in miniature) trains each
+  projected image token to read, against the decoder's word embeddings, as the colour and shape words (or the
+  digit) of what covers its block, so that matching a question's words to image tokens is a near-copy;
 - AdamW with warmup, no weight decay on embeddings, norms and biases, a cosine decay over the last stage.
 
 Step ``i`` of a run is a pure function of (seed, i), and ``checkpoint.pt`` (written every ``checkpoint_minutes``
@@ -37,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import model as pm
-from .scenes import FAMILIES, make_sample, ref_patches, split_seed, train_turns
+from .scenes import COMBOS, FAMILIES, N_PATCH_CLASSES, make_sample, patch_labels, ref_patches, split_seed, train_turns
 
 __all__ = ["Stage", "STAGES", "TokenCache", "tower_tokens", "pool_tokens", "conversation_batch", "train_decoder",
            "fast_eval"]
@@ -160,17 +163,41 @@ def conversation_batch(tok, samples, turns: int, rng: np.random.Generator, token
     if family.numel() != rows.numel():
         raise RuntimeError(f"{rows.numel()} answers found in the sequences, {family.numel()} turns asked")
     return dict(input_ids=ids, rows=rows, at=at, target=ids[rows, at + 1], family=family,
-                ground=torch.from_numpy(np.stack(ground)))
+                ground=torch.from_numpy(np.stack(ground)), words=block_words(tok, samples, tokens))
 
 
-def _forward(model, ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-    """Decoder hidden states (B, T, D) with the image tokens' embeddings replaced by the projected ``feats``."""
+def block_words(tok, samples, tokens: int) -> torch.Tensor:
+    """(B, tokens, 2) token ids of the words that name what covers most of each image block: the colour and shape
+    words of an object kind, the digit (twice) on a sign's digit, -100 (ignored) for background and sign plate."""
+    table = np.full((N_PATCH_CLASSES, 2), -100, dtype=np.int64)
+    for i, (c, s) in enumerate(COMBOS):
+        table[1 + i] = tok.convert_tokens_to_ids([c, s])
+    for d in range(10):
+        table[1 + len(COMBOS) + d] = tok.convert_tokens_to_ids(str(d))
+    side = int(round(math.sqrt(tokens)))
+    k = GRID // side
+    out = []
+    for s in samples:
+        lab = patch_labels(s.scene).reshape(side, k, side, k).transpose(0, 2, 1, 3).reshape(side * side, k * k)
+        counts = np.zeros((side * side, N_PATCH_CLASSES), np.int64)
+        np.add.at(counts, (np.repeat(np.arange(side * side), k * k), lab.reshape(-1)), 1)
+        counts[:, 0] = 0                                          # background names nothing
+        counts[:, N_PATCH_CLASSES - 1] = 0                        # nor does the bare sign plate
+        best = np.where(counts.max(1) > 0, counts.argmax(1), 0)
+        out.append(table[best])
+    return torch.from_numpy(np.stack(out))
+
+
+def _forward(model, ids: torch.Tensor, feats: torch.Tensor, with_image: bool = False):
+    """Decoder hidden states (B, T, D) with the image tokens' embeddings replaced by the projected ``feats``
+    (and, with ``with_image``, those projected image tokens (B, N, D))."""
     lm = model.model.language_model
     emb = lm.embed_tokens(ids)
     img = ids == model.config.image_token_id
     proj = model.model.multi_modal_projector(feats.to(emb.dtype))
     emb = emb.masked_scatter(img[..., None], proj.reshape(-1, proj.shape[-1]).to(emb.dtype))
-    return lm(inputs_embeds=emb, use_cache=False).last_hidden_state
+    h = lm(inputs_embeds=emb, use_cache=False).last_hidden_state
+    return (h, proj) if with_image else h
 
 
 GROUND_LAYER, GROUND_HEAD = 4, 0
@@ -206,8 +233,21 @@ def grounding_loss(model, q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, r
     return (torch.logsumexp(logits, -1) - torch.logsumexp(logits.masked_fill(~target, float("-inf")), -1)).mean()
 
 
+def alignment_loss(model, proj: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each projected image token (B, N, D), read against the decoder's input word embeddings
+    (logits ``proj @ embed_tokens.T``), towards the words that name its block (``block_words``): LLaVA's
+    alignment stage in miniature, so that an image token of a red circle lies near the words "red" and
+    "circle" a question uses."""
+    logits = (proj.float() @ model.model.language_model.embed_tokens.weight.float().T).flatten(0, 1)
+    w = words.flatten(0, 1)
+    if not bool((w >= 0).any()):
+        return proj.new_zeros((), dtype=torch.float32)
+    return 0.5 * (F.cross_entropy(logits, w[:, 0], ignore_index=-100) +
+                  F.cross_entropy(logits, w[:, 1], ignore_index=-100))
+
+
 def batch_loss(model, batch: dict, feats: torch.Tensor, eos_weight: float = 0.1,
-               ground_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+               ground_weight: float = 0.0, align_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     """The mean over families of each family's mean answer-word loss, plus ``eos_weight`` times the ``</s>``
     loss and ``ground_weight`` times :func:`grounding_loss`; and the logged parts (``answer``: the plain mean
     answer-word loss; per family; ``ground``)."""
@@ -219,7 +259,7 @@ def batch_loss(model, batch: dict, feats: torch.Tensor, eos_weight: float = 0.1,
         hooks = [attn.q_proj.register_forward_hook(lambda m, a, o: store.__setitem__("q", o)),
                  attn.k_proj.register_forward_hook(lambda m, a, o: store.__setitem__("k", o))]
     try:
-        h = _forward(model, batch["input_ids"].to(device), feats)
+        h, proj = _forward(model, batch["input_ids"].to(device), feats, with_image=True)
     finally:
         for hk in hooks:
             hk.remove()
@@ -238,6 +278,10 @@ def batch_loss(model, batch: dict, feats: torch.Tensor, eos_weight: float = 0.1,
                             batch["ground"].to(device))
         loss = loss + ground_weight * lg
         parts["ground"] = float(lg.detach())
+    if align_weight:
+        la = alignment_loss(model, proj, batch["words"].to(device))
+        loss = loss + align_weight * la
+        parts["align"] = float(la.detach())
     return loss, parts
 
 
@@ -291,7 +335,7 @@ def train_decoder(model, tok, cache: TokenCache, stages, out: Path, *, seed: int
                   warmup: int = 100, weight_decay: float = 0.05, turns: int = 8, existence_steps: int = 300,
                   device: torch.device = torch.device("cpu"), val: tuple | None = None, eval_every: int = 250,
                   checkpoint_minutes: float = 15.0, resume: bool = False, log=print, max_steps: int | None = None,
-                  bf16: bool = False, ground_weight: float = 0.0) -> list[dict]:
+                  bf16: bool = False, ground_weight: float = 0.0, align_weight: float = 0.0) -> list[dict]:
     """Train the projector and decoder of ``model`` (its tower frozen) through ``stages`` on ``cache``.
     ``val`` = (samples, tokens (n, 576, D)) is scored by :func:`fast_eval` every ``eval_every`` steps and at
     each stage's end. ``max_steps`` stops early (for tests); the checkpoint is then written."""
@@ -332,7 +376,7 @@ def train_decoder(model, tok, cache: TokenCache, stages, out: Path, *, seed: int
         batch = conversation_batch(tok, [cache.samples[i] for i in idx], turns, rng, stage.tokens, fams)
         feats = pool_tokens(cache.feats[torch.from_numpy(idx)].float(), stage.tokens).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, parts = batch_loss(model, batch, feats, ground_weight=ground_weight)
+            loss, parts = batch_loss(model, batch, feats, ground_weight=ground_weight, align_weight=align_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

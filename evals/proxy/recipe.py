@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     d.add_argument("--existence-steps", type=int, default=300, help="first steps ask existence questions only")
     d.add_argument("--ground-weight", type=float, default=0.5,
                    help="weight of the grounding loss on one decoder head (0: none)")
+    d.add_argument("--align-weight", type=float, default=1.0,
+                   help="weight of the alignment loss of image tokens to the words naming their block (0: none)")
     d.add_argument("--val-n", type=int, default=360, help="validation samples scored during training")
     d.add_argument("--eval-every", type=int, default=250)
     d.add_argument("--checkpoint-minutes", type=float, default=15.0)
@@ -233,7 +235,7 @@ def train_decoder_stage(args, out: Path, log) -> None:
                          turns=args.turns, existence_steps=args.existence_steps, device=args.device, val=val,
                          eval_every=args.eval_every, checkpoint_minutes=args.checkpoint_minutes,
                          resume=args.resume, log=log, max_steps=args.max_steps, bf16=bf16,
-                         ground_weight=args.ground_weight)
+                         ground_weight=args.ground_weight, align_weight=args.align_weight)
     total = sum(s.steps for s in args.stages)
     done = hist[-1]["step"] if hist else 0
     rec = dict(command="python -m evals.proxy.recipe " + " ".join(sys.argv[1:]), device=str(args.device),
@@ -241,7 +243,7 @@ def train_decoder_stage(args, out: Path, log) -> None:
                threads=torch.get_num_threads(), torch=torch.__version__, bf16=bf16, seconds=round(time.time() - t0, 1),
                stages=[vars(s) if hasattr(s, "__dict__") else s.__dict__ for s in args.stages], steps_done=done,
                steps_total=total, cache=args.cache, turns=args.turns, lr=args.lr, existence_steps=args.existence_steps,
-               ground_weight=args.ground_weight,
+               ground_weight=args.ground_weight, align_weight=args.align_weight,
                tower=tower_rec, history=hist)
     if done >= total:
         if val is not None:
