@@ -222,6 +222,7 @@ def main(argv=None) -> int:
     ap.add_argument("--probe", type=int, default=256, help="train scenes for the vision probe (0: no probe)")
     ap.add_argument("--probe-only", action="store_true",
                     help="keep each folder's report.json, (re)measure only the vision probe and rewrite the cards")
+    ap.add_argument("--only", choices=["llava", "next"], default=None, help="measure one geometry's model only")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -229,6 +230,8 @@ def main(argv=None) -> int:
     root = Path(args.weights)
     for geometry, folder in (("llava", "llava-proxy"), ("next", "llava-next-proxy")):
         path = root / folder
+        if args.only not in (None, geometry):
+            continue
         if not (path / "config.json").exists():
             print(f"skip {path}: no model there", file=sys.stderr)
             continue
