@@ -40,10 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from . import model as pm
-from .scenes import COMBOS, FAMILIES, N_PATCH_CLASSES, make_sample, patch_labels, ref_patches, split_seed, train_turns
+from .scenes import (COMBOS, FAMILIES, N_PATCH_CLASSES, make_sample, patch_labels, ref_patches, split_seed,
+                     train_turns)
+from .train import answer_positions
 
-__all__ = ["Stage", "STAGES", "TokenCache", "tower_tokens", "pool_tokens", "conversation_batch", "train_decoder",
-           "fast_eval"]
+__all__ = ["Stage", "STAGES", "TokenCache", "tower_tokens", "grid_side", "pool_tokens", "conversation_batch",
+           "train_decoder", "fast_eval"]
 
 GRID = 24
 
@@ -80,11 +82,18 @@ def tower_tokens(model, scenes, batch_size: int = 32) -> torch.Tensor:
     return torch.cat(out)
 
 
-def pool_tokens(feats: torch.Tensor, tokens: int) -> torch.Tensor:
-    """(B, 576, D) tokens average-pooled on the 24x24 grid to ``tokens`` (a square: 64, 144, 576)."""
+def grid_side(tokens: int) -> int:
+    """The side of the square block grid of ``tokens`` image tokens (8, 12 or 24); a count that is not a square
+    whose side divides 24 is refused."""
     side = int(round(math.sqrt(tokens)))
     if side * side != tokens or GRID % side:
         raise ValueError(f"tokens {tokens} is not a square whose side divides {GRID} (64, 144 or 576)")
+    return side
+
+
+def pool_tokens(feats: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(B, 576, D) tokens average-pooled on the 24x24 grid to ``tokens`` (a square: 64, 144, 576)."""
+    side = grid_side(tokens)
     if side == GRID:
         return feats
     b, _, d = feats.shape
@@ -126,25 +135,27 @@ class TokenCache:
 
 # ------------------------------------------------------------------------------------------------------- batch
 def conversation_batch(tok, samples, turns: int, rng: np.random.Generator, tokens: int,
-                       families=FAMILIES) -> dict:
+                       families=FAMILIES, targets: bool = True) -> dict:
     """Right-padded multi-turn sequences, one per sample: ``<s> USER: <image> x tokens q1 ASSISTANT: a1 </s> USER:
     q2 ...`` (the chat template's text, each image token repeated ``tokens`` times). With ``families`` other than
     all, only questions of those families are asked (the planned one replaced by one asked about the scene).
 
     Returns ``input_ids`` (B, T), ``rows``/``at`` (A,) the sequence and position that predicts each answer word,
-    ``target`` (A,) its token, ``family`` (A,) its index in FAMILIES, and ``ground`` (A, tokens) the image tokens
-    that show the objects (or the sign) the answer depends on (none for absent objects)."""
+    ``target`` (A,) its token, ``family`` (A,) its index in FAMILIES; with ``targets``, also the targets of the
+    auxiliary losses: ``ground`` (A, tokens) the image tokens that show the objects (or the sign) the answer
+    depends on (none for absent objects) and ``words`` (``block_words``)."""
     texts, fams, ground = [], [], []
-    side = int(round(math.sqrt(tokens)))
+    side = grid_side(tokens)
+    k = GRID // side
     for s in samples:
         first = (s.question, s.answer, s.category, s.refs) if s.family in families else None
         qa = train_turns(s.scene, rng, turns, first=first, families=families)
         texts.append("".join(f"{pm.prompt(q, image=i == 0)} {a}</s>" for i, (q, a, _, _) in enumerate(qa)))
         fams.append([FAMILIES.index(c.split("/")[0]) for _, _, c, _ in qa])
-        for _, _, _, refs in qa:
-            g = ref_patches(s.scene, refs) if refs else np.zeros(GRID * GRID, bool)
-            k = GRID // side                                          # a block is shown if any of its patches is
-            ground.append(g.reshape(side, k, side, k).any((1, 3)).reshape(-1))
+        if targets:
+            for _, _, _, refs in qa:
+                g = ref_patches(s.scene, refs) if refs else np.zeros(GRID * GRID, bool)
+                ground.append(g.reshape(side, k, side, k).any((1, 3)).reshape(-1))   # shown if any patch is
     enc = tok(texts)["input_ids"]
     img = tok.convert_tokens_to_ids("<image>")
     seqs = []
@@ -155,15 +166,14 @@ def conversation_batch(tok, samples, turns: int, rng: np.random.Generator, token
     ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
-    a_id, c_id = tok.convert_tokens_to_ids("assistant"), tok.convert_tokens_to_ids(":")
-    hit = (ids[:, :-2] == a_id) & (ids[:, 1:-1] == c_id)
-    rows, at = torch.nonzero(hit, as_tuple=True)
-    at = at + 1                                                      # the ':' that predicts the answer
+    rows, at = answer_positions(tok, ids)
     family = torch.tensor([f for fs in fams for f in fs], dtype=torch.long)
     if family.numel() != rows.numel():
         raise RuntimeError(f"{rows.numel()} answers found in the sequences, {family.numel()} turns asked")
-    return dict(input_ids=ids, rows=rows, at=at, target=ids[rows, at + 1], family=family,
-                ground=torch.from_numpy(np.stack(ground)), words=block_words(tok, samples, tokens))
+    out = dict(input_ids=ids, rows=rows, at=at, target=ids[rows, at + 1], family=family)
+    if targets:
+        out.update(ground=torch.from_numpy(np.stack(ground)), words=block_words(tok, samples, tokens))
+    return out
 
 
 def block_words(tok, samples, tokens: int) -> torch.Tensor:
@@ -174,7 +184,7 @@ def block_words(tok, samples, tokens: int) -> torch.Tensor:
         table[1 + i] = tok.convert_tokens_to_ids([c, s])
     for d in range(10):
         table[1 + len(COMBOS) + d] = tok.convert_tokens_to_ids(str(d))
-    side = int(round(math.sqrt(tokens)))
+    side = grid_side(tokens)
     k = GRID // side
     out = []
     for s in samples:
@@ -297,7 +307,7 @@ def fast_eval(model, tok, samples, feats: torch.Tensor, tokens: int, batch_size:
     rng = np.random.default_rng(0)
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
-        b = conversation_batch(tok, chunk, 1, rng, tokens)
+        b = conversation_batch(tok, chunk, 1, rng, tokens, targets=False)
         # one turn each: the planned question only
         f = pool_tokens(feats[i:i + batch_size].float(), tokens).to(device)
         h = _forward(model, b["input_ids"].to(device), f)
@@ -373,7 +383,8 @@ def train_decoder(model, tok, cache: TokenCache, stages, out: Path, *, seed: int
         rng = np.random.default_rng([seed, step, 5])
         idx = rng.choice(len(cache.samples), stage.batch_size, replace=False)
         fams = ("existence",) if step < existence_steps else FAMILIES
-        batch = conversation_batch(tok, [cache.samples[i] for i in idx], turns, rng, stage.tokens, fams)
+        batch = conversation_batch(tok, [cache.samples[i] for i in idx], turns, rng, stage.tokens, fams,
+                                   targets=bool(ground_weight or align_weight))
         feats = pool_tokens(cache.feats[torch.from_numpy(idx)].float(), stage.tokens).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, parts = batch_loss(model, batch, feats, ground_weight=ground_weight, align_weight=align_weight)

@@ -136,13 +136,13 @@ def _scores(pred: torch.Tensor, lab: torch.Tensor, size: torch.Tensor | None = N
     return {
         "background": acc(lab == 0, pred, lab),
         "object": acc(obj, pred, lab),
-        "colour": acc(obj, torch.where(is_obj, colour(pred), -1), colour(lab)),
-        "shape": acc(obj, torch.where(is_obj, shape(pred), -1), shape(lab)),
+        "colour": acc(obj, colour_pred, colour(lab)),
+        "shape": acc(obj, shape_pred, shape(lab)),
         "digit": acc(dig, pred, lab),
         "sign": acc(sign, pred, lab),
         # shape on an object's outline patches against its inner patches, which see no edge of their own
-        "shape_outline": acc(obj & edge, torch.where(is_obj, shape(pred), -1), shape(lab)),
-        "shape_inner": acc(obj & ~edge, torch.where(is_obj, shape(pred), -1), shape(lab)),
+        "shape_outline": acc(obj & edge, shape_pred, shape(lab)),
+        "shape_inner": acc(obj & ~edge, shape_pred, shape(lab)),
         "shape_balanced": balanced_accuracy(obj, shape_pred, shape(lab), range(5)),
         "colour_balanced": balanced_accuracy(obj, colour_pred, colour(lab), range(len(COMBOS) // 5)),
         "digit_balanced": balanced_accuracy(dig, pred, lab, range(_N_OBJ + 1, _N_OBJ + 11)),

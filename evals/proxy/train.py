@@ -64,6 +64,15 @@ class Batches(torch.utils.data.IterableDataset):
             yield step, make_batch(self.processor, self.geometry, self.batch_size, self.seed, step, self.turns)
 
 
+def answer_positions(tok, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)``: for every answer in a batch of chat-template sequences (B, T), its sequence and the
+    position of the ':' after "ASSISTANT" that predicts it, in reading order."""
+    a_id, c_id = tok.convert_tokens_to_ids("assistant"), tok.convert_tokens_to_ids(":")
+    hit = (ids[:, :-2] == a_id) & (ids[:, 1:-1] == c_id)
+    rows, cols = torch.nonzero(hit, as_tuple=True)
+    return rows, cols + 1
+
+
 def make_batch(processor, geometry: str, batch_size: int, seed: int, step: int, turns: int = 16) -> dict:
     tok = processor.tokenizer
     images, texts, patches, present, counts, ground = [], [], [], [], [], []
@@ -95,10 +104,8 @@ def make_batch(processor, geometry: str, batch_size: int, seed: int, step: int, 
         tok.padding_side = side
     ids = b["input_ids"]
     labels = torch.full_like(ids, -100)
-    a_id, c_id, eos = tok.convert_tokens_to_ids("assistant"), tok.convert_tokens_to_ids(":"), tok.eos_token_id
-    hit = (ids[:, :-2] == a_id) & (ids[:, 1:-1] == c_id)
-    rows, cols = torch.nonzero(hit, as_tuple=True)
-    cols = cols + 1                                                  # the ':' that predicts each answer
+    eos = tok.eos_token_id
+    rows, cols = answer_positions(tok, ids)
     labels[rows, cols + 1] = ids[rows, cols + 1]                     # the answer word
     ok = cols + 2 < ids.shape[1]
     labels[rows[ok], cols[ok] + 2] = eos                             # and the end of the turn
