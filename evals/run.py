@@ -491,11 +491,7 @@ def blind_row(bench: Benchmark, seed: int, n_train: int = BLIND_TRAIN) -> dict |
                                f"baseline must be scored on the samples evaluated: evals.benchmarks and "
                                f"evals.run.blind_row must draw the same seeds")
     b = question_only(samples, n_train=n_train, geometry=geometry)
-    counts: dict[str, int] = {}
-    for s in samples:
-        counts[s.family] = counts.get(s.family, 0) + 1
-    # correct answers per family, from the percentages (given to 0.1, exact below 1000 samples per family)
-    hits = {f: int(round(b["families"][f] * counts[f] / 100.0)) for f in sorted(b["families"])}
+    hits, counts = b["correct"], b["counts"]
     k, n = sum(hits.values()), len(samples)
     return dict(method=BLIND_LABEL, accuracy=b["overall"], overall=b["overall"], correct=k, n=n,
                 accuracy_ci=list(wilson(k, n)), families={f: b["families"][f] for f in sorted(b["families"])},

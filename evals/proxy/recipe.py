@@ -13,6 +13,7 @@ The decoder stages are in :mod:`evals.proxy.decoder`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -39,9 +40,9 @@ def train_tower(out: Path, steps: int, teacher_steps: int, batch_size: int, lr: 
     heads = AuxHeads(model.config.vision_config.hidden_size)
     before = None
     if start is not None:
-        before = load_tower_file(model, start)
-        blob = torch.load(Path(start) / "tower.pt" if Path(start).is_dir() else start, map_location="cpu",
-                          weights_only=True)
+        blob = _read_tower(start)
+        _load_tower(model, blob)
+        before = blob["record"]
         if "heads" in blob:
             heads.load_state_dict(blob["heads"])
     else:
@@ -63,18 +64,27 @@ def train_tower(out: Path, steps: int, teacher_steps: int, batch_size: int, lr: 
     return rec
 
 
-def load_tower_file(model, path) -> dict:
-    """Load the tower of a ``tower.pt`` written by :func:`train_tower` into ``model``; returns its record."""
+def _read_tower(path) -> dict:
+    """The contents of a ``tower.pt`` (or of the one in the folder ``path``)."""
     path = Path(path)
     if path.is_dir():
         path = path / "tower.pt"
     if not path.exists():
         raise FileNotFoundError(f"no stage-0 tower at {path}; write one with `python -m evals.proxy.recipe tower "
                                 f"--out {path.parent}`")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_tower(model, blob: dict) -> None:
     tower = model.model.vision_tower
     dtype = next(tower.parameters()).dtype
     tower.load_state_dict({k: v.to(dtype) for k, v in blob["tower"].items()}, strict=True)
+
+
+def load_tower_file(model, path) -> dict:
+    """Load the tower of a ``tower.pt`` written by :func:`train_tower` into ``model``; returns its record."""
+    blob = _read_tower(path)
+    _load_tower(model, blob)
     return blob["record"]
 
 
@@ -87,7 +97,7 @@ def _device(name: str) -> torch.device:
 
 
 def main(argv=None) -> int:
-    from .train import _sides
+    from .train import _sides, add_precision_args
 
     ap = argparse.ArgumentParser(prog="python -m evals.proxy.recipe", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="stage", required=True)
@@ -121,8 +131,7 @@ def main(argv=None) -> int:
     d.add_argument("--checkpoint-minutes", type=float, default=15.0)
     d.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     d.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpointed)")
-    d.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="bf16 autocast or float32 (auto: bf16 where the device computes it natively)")
+    add_precision_args(d)
     n = sub.add_parser("next", help="stage B: the AnyRes (LLaVA-NeXT) proxy from OUT/llava-proxy, into "
                        "OUT/llava-next-proxy")
     n.add_argument("--out", required=True)
@@ -131,7 +140,7 @@ def main(argv=None) -> int:
     n.add_argument("--turns", type=int, default=8)
     n.add_argument("--lr", type=float, default=3e-4)
     n.add_argument("--val-n", type=int, default=120, help="high-resolution validation samples at the end")
-    n.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    add_precision_args(n)
     for p in (t, d, n):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", type=_device, default="auto")
@@ -148,9 +157,9 @@ def main(argv=None) -> int:
         logf.write(msg + "\n")
         logf.flush()
 
-    log(json.dumps(dict(command="python -m evals.proxy.recipe " + " ".join(argv if argv is not None else sys.argv[1:]),
-                        device=str(args.device), torch=torch.__version__, python=platform.python_version(),
-                        threads=torch.get_num_threads())))
+    args.command = "python -m evals.proxy.recipe " + " ".join(argv if argv is not None else sys.argv[1:])
+    log(json.dumps(dict(command=args.command, device=str(args.device), torch=torch.__version__,
+                        python=platform.python_version(), threads=torch.get_num_threads())))
     if args.stage == "tower":
         rec = train_tower(out, args.steps, args.teacher_steps, args.batch_size, args.lr, args.crop, args.seed,
                           args.device, log, start=args.start)
@@ -183,7 +192,7 @@ def train_next(args, out: Path, log) -> None:
     hist = train_stage(nxt, nproc, "next", args.steps, args.batch_size, args.lr, args.seed + 1, args.device, bf16,
                        0, args.turns, log, freeze_vision=True, eval_every=args.steps,
                        eval_fn=val if args.val_n else None)
-    rec = dict(command="python -m evals.proxy.recipe " + " ".join(sys.argv[1:]), device=str(args.device),
+    rec = dict(command=args.command, device=str(args.device),
                gpu=torch.cuda.get_device_name(0) if args.device.type == "cuda" else None,
                threads=torch.get_num_threads(), torch=torch.__version__, bf16=bf16, steps=args.steps,
                batch_size=args.batch_size, turns=args.turns, lr=args.lr, seconds=round(time.time() - t0, 1),
@@ -209,7 +218,7 @@ def _stages(text: str) -> list:
 
 def train_decoder_stage(args, out: Path, log) -> None:
     """The ``decoder`` command: cache tokens, train, save ``OUT/llava-proxy`` and its ``training.json``."""
-    from .decoder import TokenCache, fast_eval, train_decoder
+    from .decoder import TokenCache, tower_tokens, train_decoder
     from .evaluate import samples as bench_samples
     from .train import use_bf16
 
@@ -228,7 +237,6 @@ def train_decoder_stage(args, out: Path, log) -> None:
     val = None
     if args.val_n:
         vs = bench_samples("validation", args.val_n)
-        from .decoder import tower_tokens
         val = (vs, tower_tokens(model, [s.scene for s in vs]))
     t0 = time.time()
     hist = train_decoder(model, tok, cache, args.stages, out, seed=args.seed, lr=args.lr, warmup=args.warmup,
@@ -238,16 +246,14 @@ def train_decoder_stage(args, out: Path, log) -> None:
                          ground_weight=args.ground_weight, align_weight=args.align_weight)
     total = sum(s.steps for s in args.stages)
     done = hist[-1]["step"] if hist else 0
-    rec = dict(command="python -m evals.proxy.recipe " + " ".join(sys.argv[1:]), device=str(args.device),
+    rec = dict(command=args.command, device=str(args.device),
                gpu=torch.cuda.get_device_name(0) if args.device.type == "cuda" else None,
                threads=torch.get_num_threads(), torch=torch.__version__, bf16=bf16, seconds=round(time.time() - t0, 1),
-               stages=[vars(s) if hasattr(s, "__dict__") else s.__dict__ for s in args.stages], steps_done=done,
+               stages=[dataclasses.asdict(s) for s in args.stages], steps_done=done,
                steps_total=total, cache=args.cache, turns=args.turns, lr=args.lr, existence_steps=args.existence_steps,
                ground_weight=args.ground_weight, align_weight=args.align_weight,
                tower=tower_rec, history=hist)
-    if done >= total:
-        if val is not None:
-            rec["final_validation_576"] = fast_eval(model, tok, val[0], val[1], 576)
+    if done >= total:                   # the last stage's end already scored the validation set at 576 tokens
         model.to("cpu").float().eval()
         pm.save(model.to(torch.bfloat16), proc, out / "llava-proxy", extra=rec)
         log(json.dumps(dict(stage="decoder", saved=str(out / "llava-proxy"), seconds=rec["seconds"])))

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from . import load
-from .evaluate import evaluate, samples
-from .scenes import FAMILIES, blind_baseline
+from .evaluate import evaluate
+from .scenes import FAMILIES
 
 FRESH_START = 900_000_000
 # What the project wants from its test bed (issue "proxy v2"); the card says which the measured model meets.
@@ -264,20 +264,21 @@ def main(argv=None) -> int:
         t0 = time.time()
         rep = {"vocab_size": len(proc.tokenizer)}
         if geometry == "llava":
-            rep["test"] = evaluate(model, proc, "test", args.n, batch_size=args.batch_size, progress=True)
+            rep["test"] = evaluate(model, proc, "test", args.n, batch_size=args.batch_size, progress=True,
+                                   blind=True)
+            rep["blind"] = rep["test"].pop("blind")
             rep["random64"] = evaluate(model, proc, "test", args.n, batch_size=args.batch_size, drop_visual=64,
                                        progress=True)
             rep["fresh"] = evaluate(model, proc, seeds=range(FRESH_START, FRESH_START + args.n),
                                     batch_size=args.batch_size, progress=True)
-            rep["blind"] = blind_baseline(samples("test", args.n))
             if args.probe:
                 from .probe import probe
 
                 rep["probe"] = probe(model, proc, n_train=args.probe)
         else:
             rep["test"] = evaluate(model, proc, "test", args.n_next, geometry="next",
-                                   batch_size=max(1, args.batch_size // 4), progress=True)
-            rep["blind"] = blind_baseline(samples("test", args.n_next, geometry="next"), geometry="next")
+                                   batch_size=max(1, args.batch_size // 4), progress=True, blind=True)
+            rep["blind"] = rep["test"].pop("blind")
         rep["seconds"] = round(time.time() - t0, 1)
         rep["device"] = str(device)
         full = {k: (_strip(v) if isinstance(v, dict) else v) for k, v in rep.items()}

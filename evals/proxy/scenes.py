@@ -40,6 +40,7 @@ an attempt counter, never the seed), so no scene of one split is drawn from anot
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -658,8 +659,30 @@ def answer_space(family: str) -> list[str]:
 def blind_baseline(samples: Sequence[Sample], n_train: int = 3000, geometry: str = "llava") -> dict:
     """The question-only baseline: for each question text, its commonest answer among ``n_train`` training-split
     samples (families balanced; the family's commonest answer for a text never seen), scored on ``samples``.
-    Returns ``{"overall": %, "families": {family: %}, "chance": {family: %}, "n_train": n}``, chance being the
-    accuracy of a uniform guess over the answers the family's questions have."""
+    Returns ``{"overall": %, "families": {family: %}, "correct": {family: k}, "counts": {family: n},
+    "chance": {family: %}, "n_train": n}``, chance being the accuracy of a uniform guess over the answers the
+    family's questions have."""
+    from collections import defaultdict
+
+    by_q, by_f = _blind_tables(n_train, geometry)
+    hits: dict = defaultdict(list)
+    for s in samples:
+        table = by_q.get(s.question) or by_f.get(s.family)
+        hits[s.family].append(table.most_common(1)[0][0] == s.answer if table else False)
+    fam = {f: round(100.0 * float(np.mean(v)), 1) for f, v in hits.items()}
+    allh = [h for v in hits.values() for h in v]
+    chance = {}
+    for f in hits:                               # the questions' answers are uniform over a per-question range
+        per = [1.0 / _n_answers(s) for s in samples if s.family == f]
+        chance[f] = round(100.0 * float(np.mean(per)), 1)
+    return dict(overall=round(100.0 * float(np.mean(allh)), 1) if allh else None, families=fam,
+                correct={f: int(sum(v)) for f, v in hits.items()}, counts={f: len(v) for f, v in hits.items()},
+                chance=chance, n_train=n_train)
+
+
+@functools.lru_cache(maxsize=4)
+def _blind_tables(n_train: int, geometry: str) -> tuple[dict, dict]:
+    """Answer counts per question text and per family over ``n_train`` training-split samples (built once)."""
     from collections import Counter, defaultdict
 
     by_q: dict = defaultdict(Counter)
@@ -668,18 +691,7 @@ def blind_baseline(samples: Sequence[Sample], n_train: int = 3000, geometry: str
         s = make_sample(split_seed("train", i), geometry=geometry)
         by_q[s.question][s.answer] += 1
         by_f[s.family][s.answer] += 1
-    hits: dict = defaultdict(list)
-    for s in samples:
-        table = by_q.get(s.question) or by_f[s.family]
-        hits[s.family].append(table.most_common(1)[0][0] == s.answer if table else False)
-    fam = {f: round(100.0 * float(np.mean(v)), 1) for f, v in hits.items()}
-    allh = [h for v in hits.values() for h in v]
-    chance = {}
-    for f in hits:                               # the questions' answers are uniform over a per-question range
-        per = [1.0 / _n_answers(s) for s in samples if s.family == f]
-        chance[f] = round(100.0 * float(np.mean(per)), 1)
-    return dict(overall=round(100.0 * float(np.mean(allh)), 1) if allh else None, families=fam, chance=chance,
-                n_train=n_train)
+    return by_q, by_f
 
 
 def _n_answers(s: Sample) -> int:
