@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
+from vlprune.cliargs import Parser, did_you_mean, method_list, nonneg_int, positive_int
+from vlprune.precision import DTYPES
 
 from .benchmarks import Benchmark, Item, load_benchmark
 from .stats import ALPHA, fmt_accuracy, fmt_difference, fmt_versus, paired_difference, wilson
@@ -45,7 +46,13 @@ __all__ = ["main", "run", "parse_args", "build_grid", "Config", "load_model", "b
 
 BASELINES = ("random", "pool")
 DEFAULT_METHODS = "random,pool,cls_attn,fastv"
-DEFAULT_KEEP = "576,192,128,64"
+DEFAULT_KEEP = "576,64"
+DEFAULT_N = 100
+DEFAULT_LATENCY = 2
+FULL_METHODS = "random,pool,cls_attn,fastv"
+FULL_KEEP = "576,192,128,64"
+FULL_N = 200
+FULL_LATENCY = 8
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
 BLIND_LABEL = "blind (question only)"
 BLIND_TRAIN = 3000                       # training samples the blind baseline reads its commonest answers from
@@ -71,35 +78,136 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------------- set-up
+PROXY_MODELS = ("proxy", "proxy-next", "proxy-mqt")
+PROXY_BENCHMARKS = ("proxy", "proxy-next")
+HOST_TYPES = ("llava", "llava_next")
+
+
+def _model_spec(text: str) -> str:
+    """``--model``: a proxy name, a local folder holding a LLaVA / LLaVA-NeXT ``config.json``, or a hub id
+    (``owner/name``). Refused at once: a path that does not exist, a folder without ``config.json`` or of another
+    model type, a name that is none of these."""
+    forms = (f"give {', '.join(PROXY_MODELS)}, a local folder of a LLaVA / LLaVA-NeXT model, or a hub id like "
+             f"llava-hf/llava-1.5-7b-hf")
+    if text in PROXY_MODELS:
+        return text
+    path = Path(text).expanduser()
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    if path.is_dir():
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise argparse.ArgumentTypeError(f"{text!r} is a folder without a config.json; {forms}")
+        try:
+            model_type = json.loads(cfg.read_text()).get("model_type")
+        except (OSError, ValueError) as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: its config.json does not read as JSON ({e}); {forms}") from None
+        if model_type not in HOST_TYPES:
+            raise argparse.ArgumentTypeError(f"{text!r} is a {model_type!r} model; the harness runs "
+                                             f"{' and '.join(repr(t) for t in HOST_TYPES)} models; {forms}")
+        return text
+    if path.exists():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a model folder; {forms}")
+    if looks_like_path:
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist; {forms}")
+    parts = text.split("/")
+    if len(parts) != 2 or not all(parts):
+        close = did_you_mean(text, PROXY_MODELS)
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a proxy name{close}, a local folder nor a hub id "
+                                         f"(owner/name); {forms}")
+    return text
+
+
+def _benchmark_spec(text: str) -> str:
+    if text in PROXY_BENCHMARKS or Path(text).is_file():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither {' nor '.join(PROXY_BENCHMARKS)} nor an existing JSONL "
+                                     f"file{did_you_mean(text, PROXY_BENCHMARKS)}; give one of those")
+
+
+def _folder(text: str) -> str:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing folder; give the folder holding the images")
+    return text
+
+
+def _keep_arg(text: str) -> list:
+    try:
+        return parse_keep(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _param_arg(text: str) -> str:
+    try:
+        parse_params([text])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="vlprune eval", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="proxy",
-                    help="'proxy' (shipped LLaVA-1.5-geometry proxy), 'proxy-next', 'proxy-mqt' (the proxy with an MQT projector), a local folder or a hub id")
-    ap.add_argument("--benchmark", default=None,
+    ap = Parser(prog="vlprune eval", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="proxy", type=_model_spec,
+                    help="'proxy' (shipped LLaVA-1.5-geometry proxy), 'proxy-next', 'proxy-mqt' (the proxy with an "
+                         "MQT projector), a local folder or a hub id")
+    ap.add_argument("--benchmark", default=None, type=_benchmark_spec,
                     help="'proxy', 'proxy-next' or a JSONL file (POPE format or image/question/answer); "
                          "default: the proxy benchmark matching --model")
     ap.add_argument("--format", default="auto", choices=["auto", "pope", "jsonl"])
-    ap.add_argument("--images", default=None, help="image folder for a JSONL benchmark (default: its folder)")
-    ap.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated registered methods")
-    ap.add_argument("--keep", default=DEFAULT_KEEP,
-                    help="comma-separated budgets: token counts (576,192,64) or shares (0.4,0.2,0.1); a count equal "
-                         "to the image's tokens or a share of 1.0 is the unpruned point")
-    ap.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
+    ap.add_argument("--images", default=None, type=_folder,
+                    help="image folder for a JSONL benchmark (default: its folder)")
+    ap.add_argument("--full", action="store_true",
+                    help=f"the full grid: methods {FULL_METHODS}, budgets {FULL_KEEP}, {FULL_N} samples and "
+                         f"{FULL_LATENCY} timed samples per configuration (tens of minutes on a 2-core CPU); "
+                         f"--methods, --keep, --n and --latency-samples still override")
+    ap.add_argument("--methods", default=None, type=method_list,
+                    help=f"comma-separated registered methods (default {DEFAULT_METHODS}; --full: {FULL_METHODS})")
+    ap.add_argument("--keep", default=None, type=_keep_arg,
+                    help=f"comma-separated budgets: token counts (576,192,64) or shares (0.4,0.2,0.1); a count at or "
+                         f"above the image's tokens or a share of 1.0 is the unpruned point (default {DEFAULT_KEEP}; "
+                         f"--full: {FULL_KEEP})")
+    ap.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE", type=_param_arg,
                     help="a method hyperparameter, e.g. fastv.k=3 (repeatable)")
-    ap.add_argument("--n", type=int, default=200, help="samples (default 200)")
-    ap.add_argument("--seed", type=int, default=0, help="chooses the samples and seeds the random baseline")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 2 on the proxy, 16 otherwise")
+    ap.add_argument("--n", type=positive_int, default=None, help=f"samples (default {DEFAULT_N}; --full: {FULL_N})")
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="chooses the samples and seeds the random baseline")
+    ap.add_argument("--batch-size", type=positive_int, default=16)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: 2 on the proxy, 16 otherwise")
     ap.add_argument("--prompt-suffix", default=None,
                     help="appended to each question (default: none on the proxy, LLaVA's short-answer instruction "
                          "otherwise)")
-    ap.add_argument("--latency-samples", type=int, default=8, help="batch-1 timed samples per configuration")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
+    ap.add_argument("--latency-samples", type=nonneg_int, default=None,
+                    help=f"batch-1 timed samples per configuration (default {DEFAULT_LATENCY}; --full: "
+                         f"{FULL_LATENCY}; 0: no timing)")
+    ap.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                    help="model dtype; auto (default): bfloat16 where the device computes it natively, else float32")
+    ap.add_argument("--threads", type=nonneg_int, default=0, help="torch threads on the CPU (0: torch's default)")
     ap.add_argument("--out", default="results/eval", help="output folder")
     ap.add_argument("--overwrite", action="store_true", help="discard what --out holds instead of resuming")
     ap.add_argument("--no-progress", action="store_true")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    full = args.full
+    if args.methods is None:
+        args.methods = method_list(FULL_METHODS if full else DEFAULT_METHODS)
+    if args.keep is None:
+        args.keep = parse_keep(FULL_KEEP if full else DEFAULT_KEEP)
+    if args.n is None:
+        args.n = FULL_N if full else DEFAULT_N
+    if args.latency_samples is None:
+        args.latency_samples = FULL_LATENCY if full else DEFAULT_LATENCY
+    try:
+        check_grid(args.methods, args.keep, parse_params(args.param), args.seed)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+def check_grid(methods: Sequence[str], keeps: Sequence, params: dict, seed: int) -> None:
+    """Build every configuration's method once, before any model is loaded: an unknown hyperparameter or a bad
+    value fails here, with the allowed names."""
+    big = max([k for k in keeps if isinstance(k, int)] + [1]) + 1
+    for cfg in build_grid(methods, keeps, big, params, seed):
+        if cfg.method is not None and cfg.method != "mqt":   # MQT's projector comes with its model
+            _method(cfg)
 
 
 def _csv(text: str, what: str) -> list[str]:
@@ -174,9 +282,9 @@ def parse_variant(item: str) -> tuple[str, dict]:
 
 def build_grid(methods: Sequence[str], keeps: Sequence, n_visual: int, params: dict, seed: int) -> list[Config]:
     """The unpruned model, then every method (random and pool first, always present) at every budget below
-    ``n_visual``. A method may be a variant, ``NAME[key=value;...]``, with its own hyperparameters (``keep=null``
-    runs a method at its own default budget, e.g. MustDrop's presets). Unknown methods and budgets above
-    ``n_visual`` raise ``ValueError``."""
+    ``n_visual`` (a budget at or above ``n_visual`` keeps every token, so the unpruned row stands for it, as
+    ``vlprune.apply`` treats it). A method may be a variant, ``NAME[key=value;...]``, with its own hyperparameters (``keep=null``
+    runs a method at its own default budget, e.g. MustDrop's presets). Unknown methods raise ``ValueError``."""
     from vlprune import list_methods
     from vlprune.cli import method_kwargs
 
@@ -193,10 +301,6 @@ def build_grid(methods: Sequence[str], keeps: Sequence, n_visual: int, params: d
     for m in params:
         if m not in [v[0] for v in variants.values()] and m not in BASELINES:
             raise ValueError(f"--param names method {m!r}, which is not in --methods ({', '.join(methods)})")
-    for k in keeps:
-        if isinstance(k, int) and k > n_visual:
-            raise ValueError(f"--keep {k} is above the {n_visual} visual tokens per image of this model; "
-                             f"use budgets of at most {n_visual}")
     order = list(BASELINES) + [m for m in methods if m not in BASELINES]
     grid = [Config(None, None)]
     for item in order:
@@ -315,6 +419,8 @@ def _generate(model, inputs, max_new_tokens: int, pad_id):
 
 
 def _answers(model, prompter, items, cfg, batch_size, max_new_tokens, device, bar=None) -> list[dict]:
+    import torch
+
     import vlprune
 
     tok = prompter.processor.tokenizer
@@ -341,6 +447,8 @@ def _measure(model, prompter, items, cfg, max_new_tokens, device) -> dict:
 
     A method's cost is read from ``vlprune.stats`` in the timed pass, between the timed calls; the unpruned model is
     timed without hooks and its cost read in a second, untimed pass through a method that changes nothing."""
+    import torch
+
     import vlprune
     from vlprune.testing import identity_method
 
@@ -550,6 +658,8 @@ def markdown(rows: list[dict], meta: dict, blind: dict | None = None) -> str:
             f"not ranked); {blind_note}; latency is the batch-1 median on {meta['device']} ({meta['processes']} "
             f"process(es)); KV KiB: the KV cache after generating, mean per sample (cost model, the cache's "
             f"dtype).\n")
+    if meta.get("grid_note"):
+        note += f"\n{meta['grid_note']}\n"
     return "\n".join(lines) + "\n" + note
 
 
@@ -598,6 +708,8 @@ def plot(rows: list[dict], path: Path, title: str, blind: dict | None = None) ->
 
 # ----------------------------------------------------------------------------------------------------- main
 def _state():
+    import torch
+
     try:
         from accelerate import PartialState
 
@@ -608,7 +720,17 @@ def _state():
         return None
 
 
+def _grid_note(args) -> str:
+    """The table's footer line on the grid: the default quick grid says how to get the full one."""
+    if getattr(args, "full", False):
+        return f"Full grid (`--full`): {args.n} samples, {args.latency_samples} timed samples per configuration."
+    return (f"Quick grid: {args.n} samples and {args.latency_samples} timed samples per configuration, so intervals "
+            f"are wide. The full grid (methods {FULL_METHODS}, budgets {FULL_KEEP}, {FULL_N} samples, "
+            f"{FULL_LATENCY} timed samples; tens of minutes on a 2-core CPU): `vlprune eval --full`.")
+
+
 def run(args: argparse.Namespace) -> dict:
+    import torch
     import transformers
 
     import vlprune
@@ -623,25 +745,34 @@ def run(args: argparse.Namespace) -> dict:
         transformers.utils.logging.set_verbosity_error()
     except Exception:  # pragma: no cover
         pass
-    proxy = args.model in ("proxy", "proxy-next", "proxy-mqt")
+    proxy = args.model in PROXY_MODELS
     bench_spec = args.benchmark or ("proxy-next" if args.model == "proxy-next" else "proxy")
-    methods = _csv(args.methods, "methods")
-    keeps = parse_keep(args.keep)
+    methods = _csv(",".join(args.methods), "methods") if not isinstance(args.methods, str) else _csv(args.methods, "methods")
+    keeps = parse_keep(args.keep) if isinstance(args.keep, str) else list(args.keep)
     params = parse_params(args.param)
     bench = load_benchmark(bench_spec, args.n, args.seed, args.images, args.format)
-    dtype = getattr(torch, args.dtype)
+    from vlprune.precision import auto_dtype
+
+    dtype, why = auto_dtype(args.dtype, device)
+    dtype_name = str(dtype).replace("torch.", "")
+    if main_proc:
+        print(f"vlprune eval: dtype {dtype_name} ({why})", file=sys.stderr)
     model, processor, label = load_model(args.model, dtype, device)
     prompter = _Prompter(processor, bench, proxy, args.prompt_suffix)
     first = prompter.inputs(bench.items[:1], device)
     n_visual = int((first["input_ids"][0] == model.config.image_token_id).sum())
     grid = build_grid(methods, keeps, n_visual, params, args.seed)
+    above = [k for k in keeps if isinstance(k, int) and k > n_visual]
+    if above and main_proc:
+        print(f"vlprune eval: --keep {', '.join(map(str, above))} is above the {n_visual} visual tokens per image: "
+              f"every method keeps all of them there, so the unpruned row stands for it", file=sys.stderr)
     max_new = args.max_new_tokens or (2 if proxy else 16)
 
     out = Path(args.out)
     rec_dir = out / "records"
     fingerprint = dict(model=args.model, benchmark=bench_spec, format=args.format, n=len(bench.items),
                        seed=args.seed, grid=[dataclasses.asdict(c) for c in grid], max_new_tokens=max_new,
-                       prompt_suffix=prompter.suffix, dtype=args.dtype, batch_size=args.batch_size)
+                       prompt_suffix=prompter.suffix, dtype=dtype_name, batch_size=args.batch_size)
     fingerprint = json.loads(json.dumps(fingerprint))
     if main_proc:
         if args.overwrite and out.exists():
@@ -721,6 +852,7 @@ def run(args: argparse.Namespace) -> dict:
                 versions=dict(vlprune=vlprune.__version__, torch=torch.__version__,
                               transformers=transformers.__version__, python=platform.python_version()),
                 max_new_tokens=max_new, prompt_suffix=prompter.suffix, visual_tokens_per_image=n_visual,
+                dtype=dtype_name, dtype_reason=why, grid_note=_grid_note(args),
                 seconds_this_session=round(time.time() - t_start, 1), statistics=STATISTICS,
                 note=("proxy figures: a small LVLM trained here on a procedural benchmark, not a pretrained model"
                       if proxy else ""))
@@ -736,11 +868,20 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)
+    except SystemExit as e:   # an argument refused (code 2) or --help (code 0): already printed
+        return int(e.code or 0)
+    try:
         args.command = "vlprune eval " + shlex.join(argv)   # the harness's own arguments, once
         result = run(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"vlprune eval: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a hub id that is not cached while the hub cannot be reached
+        msg = " ".join(str(e).split())
+        print(f"vlprune eval: error: --model {args.model!r} could not be loaded: {msg[:300]}; give a proxy name "
+              f"({', '.join(PROXY_MODELS)}), a local model folder, or a hub id that is cached or reachable",
+              file=sys.stderr)
+        return 1
     if result:
         print((Path(args.out) / "results.md").read_text())
         print(f"wrote {Path(args.out) / 'results.json'}, results.md and accuracy_vs_tflops.png")

@@ -125,8 +125,11 @@ def test_unknown_method_did_you_mean(hosts):
 
 def test_unknown_hyperparameter(hosts):
     model, _ = hosts["llava"]
-    with pytest.raises(ValueError, match=r"fastv.*layer_k.*Allowed hyperparameters: keep, keep_ratio, budget, k"):
+    with pytest.raises(ValueError, match=r"fastv: unknown hyperparameter 'layer_k'.*Allowed: keep, keep_ratio, k, .*budget"):
         vlprune.apply(model, "fastv", keep=8, layer_k=3)
+    # the same message on every path: by name, and a close typo gets its suggestion
+    with pytest.raises(ValueError, match=r"hired: unknown hyperparameter 'alpah'. Did you mean 'alpha'\?"):
+        vlprune.get_method("hired", keep=8, alpah=0.5)
 
 
 def test_unsupported_model_class():

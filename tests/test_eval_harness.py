@@ -35,7 +35,9 @@ def tiny_dir(tmp_path_factory):
 
 
 def _run(out, *extra, model=None):
-    argv = ["--model", str(model), "--out", str(out), "--no-progress", "--latency-samples", "0", *extra]
+    # float32 unless a test asks otherwise: "auto" depends on the CPU (bfloat16 only where it is native)
+    argv = ["--model", str(model), "--out", str(out), "--no-progress", "--latency-samples", "0", "--dtype", "float32",
+            *extra]
     return eval_main(argv)
 
 
@@ -346,10 +348,12 @@ def test_blind_is_null_off_the_proxy_benchmark(tmp_path, tiny_dir):
 def test_bad_input_gives_clear_errors(tmp_path, tiny_dir, capsys):
     out = tmp_path / "bad"
     assert _run(out, "--methods", "fastvv", "--keep", "64", "--n", "2", model=tiny_dir) == 2
-    assert "unknown method 'fastvv'; did you mean 'fastv'?" in capsys.readouterr().err
-    assert _run(out, "--methods", "pool", "--keep", "600", "--n", "2", model=tiny_dir) == 2
+    assert "unknown method 'fastvv' (did you mean 'fastv'?)" in capsys.readouterr().err
+    # a budget above the image's tokens keeps them all, as vlprune.apply does: the unpruned row stands for it
+    assert _run(tmp_path / "above", "--methods", "pool", "--keep", "600", "--n", "2", model=tiny_dir) == 0
     err = capsys.readouterr().err
-    assert "--keep 600 is above the 576 visual tokens" in err
+    assert "--keep 600 is above the 576 visual tokens per image" in err
+    assert [r["method"] for r in _results(tmp_path / "above")["results"]] == ["unpruned"]
     assert _run(out, "--methods", "pool", "--keep", "sixty", "--n", "2", model=tiny_dir) == 2
     assert "--keep value 'sixty' is neither a token count nor a share" in capsys.readouterr().err
     assert _run(out, "--methods", "pool", "--keep", "1.5", "--n", "2", model=tiny_dir) == 2
@@ -414,7 +418,7 @@ def test_two_processes_give_the_same_answers_as_one(tmp_path, tiny_dir):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
            "no", "--dynamo_backend", "no", "-m", "evals.run", "--model", str(tiny_dir), "--out", str(two),
-           "--no-progress", "--latency-samples", "0", *grid]
+           "--no-progress", "--latency-samples", "0", "--dtype", "float32", *grid]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (two / "records").glob("*.jsonl")) == ["records.0.jsonl", "records.1.jsonl"]

@@ -109,7 +109,7 @@ def test_lmms_eval_matches_the_harness(tmp_path):
     harness = tmp_path / "harness"
     h = subprocess.run([sys.executable, "-m", "evals.run", "--model", "proxy", "--benchmark", str(data),
                         "--n", str(N), "--methods", "hired", "--keep", "0.2", "--latency-samples", "1",
-                        "--out", str(harness), "--no-progress"], env=env, capture_output=True, text=True,
+                        "--dtype", "float32", "--out", str(harness), "--no-progress"], env=env, capture_output=True, text=True,
                        timeout=900)
     assert h.returncode == 0, h.stdout[-3000:] + h.stderr[-3000:]
     rows = json.loads((harness / "results.json").read_text())["results"]

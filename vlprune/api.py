@@ -25,16 +25,7 @@ def _as_method(method, kwargs) -> Method:
             )
         return method
     if isinstance(method, str):
-        try:
-            return get_method(method, **kwargs)
-        except TypeError as e:  # unknown hyperparameter
-            import dataclasses
-
-            from .registry import get_method_class
-
-            cls = get_method_class(method)
-            allowed = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
-            raise ValueError(f"{method}: {e}. Allowed hyperparameters: {', '.join(allowed)}") from None
+        return get_method(method, **kwargs)  # unknown hyperparameters: ValueError listing the allowed ones
     raise ValueError(
         f"method must be a registered name, a Method instance or a list of them; got {type(method).__name__}: {method!r}"
     )
@@ -102,6 +93,16 @@ def is_applied(model) -> bool:
     return getattr(model, ATTR, None) is not None
 
 
+def _official_equivalent(per_sample_visual: list, images: list) -> list[float]:
+    """Per sample: sum over layers of the visual tokens leaving each layer (what enters the next; the last layer
+    keeps what entered it) / layers / the sample's image views (base image and crops)."""
+    views = [0] * len(per_sample_visual)
+    for im in images:
+        if 0 <= im["sample"] < len(views):
+            views[im["sample"]] += sum(1 for k in im["partitions"] if k not in ("newline", "cls"))
+    return [(sum(v[1:]) + v[-1]) / len(v) / max(1, views[i]) for i, v in enumerate(per_sample_visual)]
+
+
 def stats(model) -> dict:
     """What the last call (a forward, or a generate with its decoding steps) actually ran, and its cost.
 
@@ -109,7 +110,9 @@ def stats(model) -> dict:
     ``kept_per_partition``: tokens per source before and after the PRE_LLM stage, e.g. {"base": 576, "crop1": 576,
     ..., "newline": 48}; ``kept_per_partition`` is None when the method merged tokens); per sample
     ``tokens_per_layer`` and ``visual_per_layer`` (prefill, per decoder layer), ``equivalent_tokens`` (mean visual
-    tokens per layer), ``kept_positions`` (prompt positions of the visual tokens that reached the last layer);
+    tokens entering each layer), ``equivalent_tokens_official`` (the count the MustDrop / SparseVLM codes print: the
+    visual tokens each layer leaves, a pruning layer counted after its pruning, averaged over the layers and divided
+    by the sample's image views, 1 per LLaVA-1.5 image, base + crops per AnyRes image), ``kept_positions`` (prompt positions of the visual tokens that reached the last layer);
     ``visual_positions`` ({decoder layer: per sample prompt positions of the visual tokens entering it}, for layer 0
     and every layer where the set changes);
     ``reports`` (what methods reported, e.g. ToDRE's attention shares); ``method_seconds`` (wall time of the method's own work: ViT score capture, selection, pruning decisions,
@@ -135,6 +138,7 @@ def stats(model) -> dict:
         "tokens_per_layer": per_sample_tokens,
         "visual_per_layer": per_sample_visual,
         "equivalent_tokens": [sum(v) / len(v) for v in per_sample_visual],
+        "equivalent_tokens_official": _official_equivalent(per_sample_visual, run.images),
         "kept_positions": run.kept_positions,
         "visual_positions": dict(run.visual_positions or {}),
         "evicted": dict(run.evicted),

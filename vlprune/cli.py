@@ -24,6 +24,20 @@ def _field_default(f: dataclasses.Field) -> str:
     return "(required)"
 
 
+def _class_stages(cls) -> tuple:
+    """A method class's stages. A composition (e.g. MustDrop) computes them from its parts, so its default
+    instance is asked; a method that needs a budget to be built is built with one."""
+    stages = getattr(cls, "stages", ())
+    if not isinstance(stages, property):
+        return tuple(stages)
+    for kwargs in ({}, {"keep": 64}):
+        try:
+            return tuple(cls(**kwargs).stages)
+        except (TypeError, ValueError):
+            continue
+    return ()
+
+
 def method_rows() -> list[dict]:
     """One dict per registered method: name, class, stages, summary and hyperparameters [(name, type, default)]."""
     from .registry import get_method_class, list_methods
@@ -37,7 +51,7 @@ def method_rows() -> list[dict]:
             for f in dataclasses.fields(cls)
             if f.repr
         ] if dataclasses.is_dataclass(cls) else []
-        stages = ", ".join(str(getattr(s, "value", s)) for s in getattr(cls, "stages", ()))
+        stages = ", ".join(str(getattr(s, "value", s)) for s in _class_stages(cls))
         rows.append({"name": name, "class": cls.__name__, "stages": stages, "summary": " ".join(doc.split()),
                      "params": params})
     return rows
@@ -105,6 +119,9 @@ def run_demo(keep: int = 64, k: int = 2, new_tokens: int = 8, repeats: int = 3, 
         if h not in builders:
             raise ValueError(f"unknown host {h!r}; choose from {', '.join(builders)}")
     names = list(methods) if methods else list_methods()
+    for name in names:  # hyperparameters checked before any model is built (MQT's weights come per host)
+        if name != "mqt":
+            get_method(name, **method_kwargs(name, keep, k))
     image = synthetic_image((336, 336), seed=seed)
     rows: list[dict] = []
     with torch.inference_mode():
@@ -151,8 +168,9 @@ def run_demo(keep: int = 64, k: int = 2, new_tokens: int = 8, repeats: int = 3, 
                 rows.append(row)
                 out(_format_row(row))
 
-            # the unpruned model: timed without any hooks; its cost read through a method that changes nothing
-            measure("(unpruned)", None)
+            # every method is built and attached once before anything is timed: one that cannot run on this
+            # host says why at once
+            runnable = []
             for name in names:
                 kw = method_kwargs(name, keep, k)
                 if name == "mqt":  # a learned projector: the tiny model gets a seeded random one
@@ -163,6 +181,13 @@ def run_demo(keep: int = 64, k: int = 2, new_tokens: int = 8, repeats: int = 3, 
                 except ValueError as e:  # a method that does not run on this host says why
                     out(f"{host:<11} {name:<13} skipped: {e}")
                     continue
+                finally:
+                    api.remove(model)
+                runnable.append((name, method_obj))
+            # the unpruned model: timed without any hooks; its cost read through a method that changes nothing
+            measure("(unpruned)", None)
+            for name, method_obj in runnable:
+                api.apply(model, method_obj)
                 try:
                     label = name + ("" if name != "fastv" else f" k={k}")
                     measure(label, method_obj)
@@ -234,28 +259,39 @@ def cmd_demo(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ main
+# visual tokens of the demo's 336x336 image on each tiny host (checked against the built models in the tests)
+DEMO_VISUAL_TOKENS = {"llava-1.5": 576, "llava-next": 1176}
+DEMO_LAYERS = 4  # decoder layers of the tiny hosts
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .cliargs import Parser, method_name, nonneg_int, positive_int
+
+    p = Parser(
         prog="vlprune",
         description="Visual-token compression for LLaVA-style models, attached with hooks and removable.",
     )
     p.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     d = sub.add_parser("demo", help="apply every method to tiny LLaVA-1.5 / LLaVA-NeXT models and print a table",
                        description="Build tiny random-weight LLaVA-1.5 and LLaVA-NeXT models from configs (offline, "
                                    "CPU), apply every registered method and print visual tokens kept, FLOPs and "
                                    "time per method, with the unpruned model first.")
-    d.add_argument("--keep", type=int, default=64, help="visual tokens to keep (default: 64)")
-    d.add_argument("--k", type=int, default=2, help="FastV's pruning layer K (default: 2)")
-    d.add_argument("--new-tokens", type=int, default=8, help="tokens to generate (default: 8)")
-    d.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is shown (default: 3)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the random weights and the image (default: 0)")
-    d.add_argument("--hosts", nargs="+", default=["llava-1.5", "llava-next"], choices=["llava-1.5", "llava-next"])
-    d.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all registered)")
-    d.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    d.add_argument("--keep", type=positive_int, default=64,
+                   help=f"visual tokens to keep (default: 64; the demo image has "
+                        f"{', '.join(f'{v} on {k}' for k, v in DEMO_VISUAL_TOKENS.items())})")
+    d.add_argument("--k", type=positive_int, default=2,
+                   help=f"FastV's pruning layer K, 1..{DEMO_LAYERS - 1} on the tiny hosts (default: 2)")
+    d.add_argument("--new-tokens", type=positive_int, default=8, help="tokens to generate (default: 8)")
+    d.add_argument("--repeats", type=positive_int, default=3, help="timed repeats; the median is shown (default: 3)")
+    d.add_argument("--seed", type=nonneg_int, default=0, help="seed of the random weights and the image (default: 0)")
+    d.add_argument("--hosts", nargs="+", default=["llava-1.5", "llava-next"], choices=list(DEMO_VISUAL_TOKENS))
+    d.add_argument("--methods", nargs="+", type=method_name, default=None,
+                   help="methods to run (default: all registered)")
+    d.add_argument("--threads", type=nonneg_int, default=0, help="torch threads (default: torch's choice)")
     d.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
-    d.set_defaults(func=cmd_demo)
+    d.set_defaults(func=cmd_demo, check=check_demo)
 
     sub.add_parser("eval", help="the evaluation harness: accuracy against cost per method and budget "
                                "(see `vlprune eval --help`)", add_help=False)
@@ -263,6 +299,24 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(func=cmd_methods)
     return p
+
+
+def check_demo(args, parser) -> None:
+    """Refuse what the demo cannot show before any model is built."""
+    largest = max(DEMO_VISUAL_TOKENS[h] for h in args.hosts)
+    if args.keep >= largest:
+        parser.error(f"--keep {args.keep} is at or above the demo image's visual tokens "
+                     f"({', '.join(f'{DEMO_VISUAL_TOKENS[h]} on {h}' for h in args.hosts)}), so no method would "
+                     f"prune anything; give a smaller budget, e.g. --keep 64")
+    if args.k >= DEMO_LAYERS:
+        parser.error(f"--k {args.k} is not a decoder layer FastV can prune at on the tiny hosts "
+                     f"({DEMO_LAYERS} layers); give 1..{DEMO_LAYERS - 1}, e.g. --k 2")
+    if args.json:
+        import os
+
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            parser.error(f"--json {args.json!r}: folder {folder!r} does not exist; create it or give another path")
 
 
 def main(argv=None) -> int:
@@ -285,11 +339,19 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+    if getattr(args, "check", None):
+        args.check(args, sub)
     try:
         return int(args.func(args) or 0)
     except ValueError as e:  # bad method names or hyperparameters: the message names the value and the fix
         print(f"vlprune {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `vlprune methods | head`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,9 @@ import difflib
 import re
 
 _REGISTRY: dict[str, type] = {}
+# the names vlprune.methods registers, known without importing them (and torch): command-line checks read this
+BUILTIN_METHODS = ("cls_attn", "fastv", "globalcom2", "hired", "mqt", "mustdrop", "pool", "random", "todre",
+                   "transprune")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -44,6 +47,35 @@ def get_method_class(name: str) -> type:
     return _REGISTRY[key]
 
 
+def hyperparameters(cls: type) -> list[str]:
+    """The keyword arguments a registered method class takes (its dataclass fields), ``budget`` last."""
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(cls):
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+    else:
+        names = [p.name for p in inspect.signature(cls).parameters.values()
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [n for n in names if n != "budget"] + (["budget"] if "budget" in names else [])
+
+
+def check_hyperparameters(name: str, kwargs) -> type:
+    """The class registered as ``name``; ``ValueError`` naming each unknown keyword, the closest allowed one and
+    every allowed one (e.g. ``alpah`` -> ``alpha``)."""
+    cls = get_method_class(name)
+    allowed = hyperparameters(cls)
+    unknown = [k for k in kwargs if k not in allowed]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, allowed, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{cls.name}: unknown hyperparameter {k!r}.{hint} Allowed: {', '.join(allowed)} "
+                         f"(see `vlprune methods`).")
+    return cls
+
+
 def get_method(name: str, **kwargs):
-    """Instantiate a registered method by name with its hyperparameters, e.g. ``get_method("fastv", k=2, keep=64)``."""
-    return get_method_class(name)(**kwargs)
+    """Instantiate a registered method by name with its hyperparameters, e.g. ``get_method("fastv", k=2, keep=64)``.
+    An unknown hyperparameter raises ``ValueError`` listing the allowed ones."""
+    return check_hyperparameters(name, kwargs)(**kwargs)
