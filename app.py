@@ -27,19 +27,22 @@ ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "vlprune_app_gradio"))
 
 
-def _positive_int(text: str) -> int:
+def _model(text: str) -> str:
+    from evals.models import check_model_name
+
     try:
-        v = int(float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
-    return v
+        check_model_name(text, "--model ")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="proxy",
+    from vlprune.cliargs import Parser, device_name, positive_int as _positive_int
+    from vlprune.precision import DTYPES
+
+    ap = Parser(prog="python app.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="proxy", type=_model,
                     help="'proxy' (default: the shipped LLaVA-1.5-geometry proxy), 'proxy-next' (AnyRes proxy), "
                          "'proxy-mqt' (the proxy with an MQT projector), a local folder or a hub id of a transformers LLaVA / LLaVA-NeXT model")
     ap.add_argument("--port", type=_positive_int, default=None,
@@ -54,8 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="most pixels in an image (default 4096x4096)")
     ap.add_argument("--results", default=str(ROOT / "results"),
                     help="folder with the harness's results (*/results.json; default results/)")
-    ap.add_argument("--dtype", default="float32", help="model dtype (default float32)")
-    ap.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    ap.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                    help="model dtype; auto (default): bfloat16 where the device computes it natively, else float32")
+    ap.add_argument("--device", default="cpu", type=device_name, help="torch device: cpu (default), cuda or cuda:N")
     ap.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--max-new-tokens", type=_positive_int, default=None,
                     help="default answer length (default 4 for the proxy, 32 otherwise)")
@@ -86,8 +90,13 @@ def main(argv=None) -> int:
 
     try:
         limits = Limits(args.max_upload_bytes, args.max_image_side, args.max_image_pixels)
-        print(f"[app] loading {args.model} ...", flush=True)
-        model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
+        from vlprune.precision import auto_dtype
+
+        device = "cpu" if args.device == "auto" else args.device
+        dtype, why = auto_dtype(args.dtype, device)
+        dtype = str(dtype).replace("torch.", "")
+        print(f"[app] loading {args.model} in {dtype} ({why}) ...", flush=True)
+        model, processor = load_model(args.model, dtype=dtype, device=device)
     except (ValueError, FileNotFoundError) as e:
         print(f"python app.py: error: {e}", file=sys.stderr)
         return 2

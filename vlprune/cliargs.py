@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["Parser", "fail", "positive_int", "nonneg_int", "int_range", "positive_float", "unit_share",
+__all__ = ["Parser", "fail", "positive_int", "nonneg_int", "int_range", "positive_float", "nonneg_float", "device_name", "unit_share",
            "existing_path", "existing_file", "choice_list", "method_name", "method_list", "known_methods", "did_you_mean"]
 
 
@@ -79,6 +79,33 @@ def positive_float(text: str) -> float:
     if not v > 0 or v != v or v == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above 0")
     return v
+
+
+def nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of at least 0")
+    return v
+
+
+def device_name(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; refused at once when CUDA is asked for and absent (this imports
+    torch, so it runs after ``--help`` has been answered)."""
+    name = str(text).strip().lower()
+    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; give auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available here; give cpu (or auto)")
+        if ":" in name and int(name[5:]) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA devices; "
+                                             f"give cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return name
 
 
 def unit_share(text: str) -> float:

@@ -114,16 +114,18 @@ def class_separation(model, processor, oracle: OracleFeatures, n: int = 6, step:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evals.proxy.oracle", description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=600, help="stage A optimizer steps")
-    ap.add_argument("--batch-size", type=int, default=6)
-    ap.add_argument("--turns", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=6e-4)
+    from vlprune.cliargs import Parser, device_name, nonneg_int, positive_float, positive_int
+
+    ap = Parser(prog="python -m evals.proxy.oracle", description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=positive_int, default=600, help="stage A optimizer steps")
+    ap.add_argument("--batch-size", type=positive_int, default=6)
+    ap.add_argument("--turns", type=positive_int, default=16)
+    ap.add_argument("--lr", type=positive_float, default=6e-4)
     T.add_decoder_init_args(ap)
-    ap.add_argument("--eval-n", type=int, default=240, help="validation samples per evaluation")
-    ap.add_argument("--eval-every", type=int, default=300)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: all cores)")
+    ap.add_argument("--eval-n", type=nonneg_int, default=240, help="validation samples per evaluation")
+    ap.add_argument("--eval-every", type=nonneg_int, default=300)
+    ap.add_argument("--seed", type=nonneg_int, default=0)
+    ap.add_argument("--threads", type=nonneg_int, default=0, help="torch threads on CPU (0: all cores)")
     ap.add_argument("--log", default=None, help="also append the JSON log lines to this file")
     args = ap.parse_args(argv)
     if args.steps < 1:

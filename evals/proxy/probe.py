@@ -233,16 +233,18 @@ def load_model(spec: str):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evals.proxy.probe", description=__doc__.split("\n")[0])
+    from vlprune.cliargs import Parser, device_name, nonneg_int, positive_float, positive_int
+
+    ap = Parser(prog="python -m evals.proxy.probe", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llava", help=f"{_MODEL_FORMS}")
-    ap.add_argument("--train", type=int, default=256, help="train-split scenes the probe is fitted on")
-    ap.add_argument("--eval", type=int, default=64, help="validation scenes it is scored on")
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--train", type=positive_int, default=256, help="train-split scenes the probe is fitted on")
+    ap.add_argument("--eval", type=positive_int, default=64, help="validation scenes it is scored on")
+    ap.add_argument("--epochs", type=positive_int, default=8)
     args = ap.parse_args(argv)
     try:
         model, proc = load_model(args.model)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"python -m evals.proxy.probe: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(probe(model, proc, args.train, args.eval, args.epochs), indent=1))
     return 0

@@ -89,66 +89,81 @@ def load_tower_file(model, path) -> dict:
 
 
 def _device(name: str) -> torch.device:
+    from vlprune.cliargs import device_name
+
+    name = device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise argparse.ArgumentTypeError(f"--device {name!r} is not auto, cpu or cuda[:N]")
     return torch.device(name)
 
 
 def main(argv=None) -> int:
+    from vlprune.cliargs import Parser, existing_file, nonneg_float, nonneg_int, positive_float, positive_int
+
     from .train import _sides, add_precision_args
 
-    ap = argparse.ArgumentParser(prog="python -m evals.proxy.recipe", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="stage", required=True)
+    ap = Parser(prog="python -m evals.proxy.recipe", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="stage", required=True, parser_class=Parser)
     t = sub.add_parser("tower", help="stage 0: the vision tower alone on crops, into OUT/tower.pt")
     t.add_argument("--out", required=True)
-    t.add_argument("--steps", type=int, default=1800)
-    t.add_argument("--teacher-steps", type=int, default=300)
-    t.add_argument("--batch-size", type=int, default=96, help="crops of the first side per step")
-    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--steps", type=positive_int, default=1800)
+    t.add_argument("--teacher-steps", type=nonneg_int, default=300)
+    t.add_argument("--batch-size", type=positive_int, default=96, help="crops of the first side per step")
+    t.add_argument("--lr", type=positive_float, default=2e-3)
     t.add_argument("--crop", type=_sides, default=[6, 12, 24])
-    t.add_argument("--from", dest="start", default=None, metavar="TOWER_PT",
+    t.add_argument("--from", dest="start", default=None, metavar="TOWER_PT", type=existing_file,
                    help="continue from a stage-0 tower.pt (a new schedule of --steps steps)")
     d = sub.add_parser("decoder", help="stages 1-3: projector + decoder on cached tokens of OUT/tower.pt, into "
                        "OUT/llava-proxy")
     d.add_argument("--out", required=True)
-    d.add_argument("--tower", default=None, help="tower.pt of stage 0 (default OUT/tower.pt)")
+    d.add_argument("--tower", default=None, type=existing_file, help="tower.pt of stage 0 (default OUT/tower.pt)")
     d.add_argument("--stages", type=_stages, default=list(STAGES),
                    help="tokens:steps:batch per stage, comma-separated (default "
                    + ",".join(f"{s.tokens}:{s.steps}:{s.batch_size}" for s in STAGES) + ")")
-    d.add_argument("--cache", type=int, default=12000, help="training scenes whose tower tokens are cached")
-    d.add_argument("--turns", type=int, default=8, help="questions per scene per sequence")
-    d.add_argument("--lr", type=float, default=1e-3)
-    d.add_argument("--warmup", type=int, default=100)
-    d.add_argument("--existence-steps", type=int, default=300, help="first steps ask existence questions only")
-    d.add_argument("--ground-weight", type=float, default=0.5,
+    d.add_argument("--cache", type=positive_int, default=12000, help="training scenes whose tower tokens are cached")
+    d.add_argument("--turns", type=positive_int, default=8, help="questions per scene per sequence")
+    d.add_argument("--lr", type=positive_float, default=1e-3)
+    d.add_argument("--warmup", type=nonneg_int, default=100)
+    d.add_argument("--existence-steps", type=nonneg_int, default=300, help="first steps ask existence questions only")
+    d.add_argument("--ground-weight", type=nonneg_float, default=0.5,
                    help="weight of the grounding loss on one decoder head (0: none)")
-    d.add_argument("--align-weight", type=float, default=1.0,
+    d.add_argument("--align-weight", type=nonneg_float, default=1.0,
                    help="weight of the alignment loss of image tokens to the words naming their block (0: none)")
-    d.add_argument("--val-n", type=int, default=360, help="validation samples scored during training")
-    d.add_argument("--eval-every", type=int, default=250)
-    d.add_argument("--checkpoint-minutes", type=float, default=15.0)
+    d.add_argument("--val-n", type=nonneg_int, default=360, help="validation samples scored during training")
+    d.add_argument("--eval-every", type=nonneg_int, default=250)
+    d.add_argument("--checkpoint-minutes", type=positive_float, default=15.0)
     d.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    d.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpointed)")
+    d.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (checkpointed)")
     add_precision_args(d)
     n = sub.add_parser("next", help="stage B: the AnyRes (LLaVA-NeXT) proxy from OUT/llava-proxy, into "
                        "OUT/llava-next-proxy")
     n.add_argument("--out", required=True)
-    n.add_argument("--steps", type=int, default=300)
-    n.add_argument("--batch-size", type=int, default=2, help="high-resolution scenes per step")
-    n.add_argument("--turns", type=int, default=8)
-    n.add_argument("--lr", type=float, default=3e-4)
-    n.add_argument("--val-n", type=int, default=120, help="high-resolution validation samples at the end")
+    n.add_argument("--steps", type=positive_int, default=300)
+    n.add_argument("--batch-size", type=positive_int, default=2, help="high-resolution scenes per step")
+    n.add_argument("--turns", type=positive_int, default=8)
+    n.add_argument("--lr", type=positive_float, default=3e-4)
+    n.add_argument("--val-n", type=nonneg_int, default=120, help="high-resolution validation samples at the end")
     add_precision_args(n)
     for p in (t, d, n):
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=nonneg_int, default=0)
         p.add_argument("--device", type=_device, default="auto")
-        p.add_argument("--threads", type=int, default=0, help="torch threads on a CPU (0: all cores)")
+        p.add_argument("--threads", type=nonneg_int, default=0, help="torch threads on a CPU (0: all cores)")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    # what a stage reads must be there before anything is written
+    if args.stage == "decoder":
+        tower = Path(args.tower) if args.tower else out / "tower.pt"
+        if not tower.is_file():
+            sub.choices["decoder"].error(f"no stage-0 tower at {tower}; write one with `python -m evals.proxy.recipe "
+                                         f"tower --out {out}` or give --tower PATH")
+        if args.resume and not (out / "checkpoint.pt").is_file():
+            sub.choices["decoder"].error(f"--resume: no checkpoint at {out / 'checkpoint.pt'}; drop --resume to "
+                                         f"start afresh")
+    if args.stage == "next" and not (out / "llava-proxy" / "config.json").is_file():
+        sub.choices["next"].error(f"no LLaVA-1.5 proxy at {out / 'llava-proxy'}; train it first with "
+                                  f"`python -m evals.proxy.recipe decoder --out {out}`")
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logf = open(out / f"{args.stage}.log", "a")
 

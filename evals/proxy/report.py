@@ -226,20 +226,31 @@ def main(argv=None) -> int:
     from . import model as pm
     from .train import DEFAULT_OUT
 
-    ap = argparse.ArgumentParser(prog="python -m evals.proxy.report", description=__doc__.split("\n")[0])
+    from vlprune.cliargs import Parser, device_name, nonneg_int, positive_float, positive_int
+
+    ap = Parser(prog="python -m evals.proxy.report", description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default=str(DEFAULT_OUT))
-    ap.add_argument("--n", type=int, default=1200)
-    ap.add_argument("--n-next", type=int, default=600)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--probe", type=int, default=256, help="train scenes for the vision probe (0: no probe)")
+    ap.add_argument("--n", type=nonneg_int, default=1200)
+    ap.add_argument("--n-next", type=nonneg_int, default=600)
+    ap.add_argument("--batch-size", type=positive_int, default=32)
+    ap.add_argument("--probe", type=nonneg_int, default=256, help="train scenes for the vision probe (0: no probe)")
     ap.add_argument("--probe-only", action="store_true",
                     help="keep each folder's report.json, (re)measure only the vision probe and rewrite the cards")
     ap.add_argument("--only", choices=["llava", "next"], default=None, help="measure one geometry's model only")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="auto", type=device_name)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     root = Path(args.weights)
+    wanted = [f for g, f in (("llava", "llava-proxy"), ("next", "llava-next-proxy")) if args.only in (None, g)]
+    if not any((root / f / "config.json").is_file() for f in wanted):
+        ap.error(f"--weights {args.weights!r} holds no proxy model ({' or '.join(wanted)} with a config.json); give "
+                 f"the folder the training wrote, e.g. --weights {DEFAULT_OUT}")
+    if args.probe_only:
+        missing = [str(root / f / "report.json") for f in wanted
+                   if (root / f / "config.json").is_file() and not (root / f / "report.json").is_file()]
+        if missing:
+            ap.error(f"--probe-only needs {', '.join(missing)}; run the full report first (without --probe-only)")
     for geometry, folder in (("llava", "llava-proxy"), ("next", "llava-next-proxy")):
         path = root / folder
         if args.only not in (None, geometry):

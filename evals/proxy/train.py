@@ -454,36 +454,38 @@ def load_tower(model, folder) -> None:
 
 # -------------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evals.proxy.train", description=__doc__.split("\n")[0])
+    from vlprune.cliargs import Parser, device_name, existing_path, nonneg_int, positive_float, positive_int
+
+    ap = Parser(prog="python -m evals.proxy.train", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="folder for llava-proxy/ and llava-next-proxy/")
-    ap.add_argument("--steps", type=int, default=2400, help="stage A optimizer steps")
-    ap.add_argument("--batch-size", type=int, default=6, help="scenes per step (each with up to --turns questions)")
-    ap.add_argument("--turns", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=6e-4)
-    ap.add_argument("--next-steps", type=int, default=200, help="stage B (AnyRes) steps; 0 skips stage B")
-    ap.add_argument("--next-batch-size", type=int, default=2)
-    ap.add_argument("--next-lr", type=float, default=2e-4)
-    ap.add_argument("--vision-steps", type=int, default=0,
+    ap.add_argument("--steps", type=positive_int, default=2400, help="stage A optimizer steps")
+    ap.add_argument("--batch-size", type=positive_int, default=6, help="scenes per step (each with up to --turns questions)")
+    ap.add_argument("--turns", type=positive_int, default=16)
+    ap.add_argument("--lr", type=positive_float, default=6e-4)
+    ap.add_argument("--next-steps", type=nonneg_int, default=200, help="stage B (AnyRes) steps; 0 skips stage B")
+    ap.add_argument("--next-batch-size", type=positive_int, default=2)
+    ap.add_argument("--next-lr", type=positive_float, default=2e-4)
+    ap.add_argument("--vision-steps", type=nonneg_int, default=0,
                     help="stage 0: vision tower alone on crops first (0: none, the shipped recipe)")
-    ap.add_argument("--vision-batch-size", type=int, default=96, help="stage 0 crops per step")
-    ap.add_argument("--vision-lr", type=float, default=2e-3)
+    ap.add_argument("--vision-batch-size", type=positive_int, default=96, help="stage 0 crops per step")
+    ap.add_argument("--vision-lr", type=positive_float, default=2e-3)
     ap.add_argument("--crop", default=[6], type=_sides, help="stage 0 crop sides in patches, comma-separated, taken in turn "
                     "(24: whole scenes); --vision-batch-size counts crops of the first")
-    ap.add_argument("--teacher-steps", type=int, default=0,
+    ap.add_argument("--teacher-steps", type=nonneg_int, default=0,
                     help="stage 0 CNN teacher steps before the tower (0: no teacher, no distillation)")
-    ap.add_argument("--vision-from", default=None, metavar="FOLDER",
+    ap.add_argument("--vision-from", default=None, metavar="FOLDER", type=existing_path,
                     help="instead of stage 0, copy the vision tower of a saved LLaVA proxy (e.g. the llava-proxy/ "
                     "folder a --vision-steps run wrote)")
     ap.add_argument("--freeze-vision", action="store_true",
                     help="stage A trains projector and decoder only (use after --vision-steps)")
     add_decoder_init_args(ap)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--seed", type=nonneg_int, default=0)
+    ap.add_argument("--device", default="auto", type=device_name, help="auto | cpu | cuda[:N]")
     add_precision_args(ap)
-    ap.add_argument("--workers", type=int, default=-1, help="data workers (-1: 0 on CPU, 8 on CUDA)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: all cores)")
-    ap.add_argument("--eval-n", type=int, default=120, help="validation samples at the end of each stage")
-    ap.add_argument("--eval-every", type=int, default=600)
+    ap.add_argument("--workers", type=int, default=-1, choices=range(-1, 65), metavar="N", help="data workers (-1: 0 on CPU, 8 on CUDA)")
+    ap.add_argument("--threads", type=nonneg_int, default=0, help="torch threads on CPU (0: all cores)")
+    ap.add_argument("--eval-n", type=nonneg_int, default=120, help="validation samples at the end of each stage")
+    ap.add_argument("--eval-every", type=nonneg_int, default=600)
     ap.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     args = ap.parse_args(argv)
     if args.vision_from and args.vision_steps:

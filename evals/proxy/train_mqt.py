@@ -92,23 +92,33 @@ def train(model, mqt_host, processor, steps: int, batch_size: int, lr: float, se
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evals.proxy.train_mqt", description=__doc__.split("\n")[0])
+    from vlprune.cliargs import Parser, device_name, nonneg_int, positive_float, positive_int
+
+    ap = Parser(prog="python -m evals.proxy.train_mqt", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(DEFAULT_OUT))
-    ap.add_argument("--steps1", type=int, default=300, help="stage 1 steps (projector only, m = M)")
-    ap.add_argument("--steps2", type=int, default=900, help="stage 2 steps (projector + decoder, m from {2..M})")
-    ap.add_argument("--batch-size", type=int, default=6)
-    ap.add_argument("--turns", type=int, default=16)
-    ap.add_argument("--lr1", type=float, default=1e-3)
-    ap.add_argument("--lr2", type=float, default=2e-4)
-    ap.add_argument("--queries", type=int, default=256, help="M, the number of queries (a square)")
-    ap.add_argument("--heads", type=int, default=3, help="attention heads (head width 64 on the proxy's 192)")
+    ap.add_argument("--steps1", type=positive_int, default=300, help="stage 1 steps (projector only, m = M)")
+    ap.add_argument("--steps2", type=nonneg_int, default=900, help="stage 2 steps (projector + decoder, m from {2..M})")
+    ap.add_argument("--batch-size", type=positive_int, default=6)
+    ap.add_argument("--turns", type=positive_int, default=16)
+    ap.add_argument("--lr1", type=positive_float, default=1e-3)
+    ap.add_argument("--lr2", type=positive_float, default=2e-4)
+    ap.add_argument("--queries", type=positive_int, default=256, help="M, the number of queries (a square)")
+    ap.add_argument("--heads", type=positive_int, default=3, help="attention heads (head width 64 on the proxy's 192)")
     ap.add_argument("--keys", default="position", choices=["position", "features"],
                     help="MQT key mode: 'position' (the released code) or 'features' (image features + position)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seed", type=nonneg_int, default=0)
+    ap.add_argument("--device", default="auto", type=device_name)
+    ap.add_argument("--threads", type=nonneg_int, default=0)
     add_precision_args(ap)
     args = ap.parse_args(argv)
+    side = int(round(args.queries ** 0.5))
+    if side * side != args.queries:
+        ap.error(f"--queries {args.queries} is not a square (the queries form a grid); give e.g. "
+                 f"{max(1, side) ** 2} or {(side + 1) ** 2}")
+    width = pm.VISION["hidden_size"]
+    if width % args.heads:
+        ap.error(f"--heads {args.heads} does not divide the proxy's vision width {width}; give one of "
+                 f"{', '.join(str(h) for h in range(1, 13) if width % h == 0)}")
 
     from vlprune.methods.mqt import MQTHost, MQTProjector, save_mqt
 
