@@ -831,6 +831,8 @@ def run(args: argparse.Namespace) -> dict:
                 if bar is not None and world > 1:
                     bar.update(len(todo[cfg.key]) * world)
             if main_proc and cfg.key not in timing and args.latency_samples > 0:
+                if bar is not None:
+                    bar.set_postfix_str(f"{cfg.key}: timing {args.latency_samples} samples at batch 1")
                 t = _measure(model, prompter, shard[: args.latency_samples + 1], cfg, max_new, device)
                 timing[cfg.key] = t
                 with open(out / "timing.jsonl", "a") as f:

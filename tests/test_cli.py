@@ -28,6 +28,8 @@ REPORT = [PY, "-m", "evals.proxy.report"]
 PROBE = [PY, "-m", "evals.proxy.probe"]
 ORACLE = [PY, "-m", "evals.proxy.oracle"]
 APP = [PY, str(ROOT / "app.py")]
+BENCH = [PY, str(ROOT / "benchmarks" / "bench_prefill.py")]
+GPU_SH = ["bash", str(ROOT / "benchmarks" / "gpu.sh")]
 
 # runs the command's main in-process after recording, at exit, whether torch / transformers were imported
 _WRAP = r"""
@@ -164,6 +166,15 @@ ROWS = [
          "stage-0 tower"),
     _bad("probe zero epochs", PROBE + ["--epochs", "0"], "--epochs", "'0'"),
     _bad("oracle zero steps", ORACLE + ["--steps", "0", "--log", "{tmp}/o1/log"], "--steps", "'0'"),
+    # ---------------------------------------------------------------------------------------------- benchmarks
+    Row("bench --help", BENCH + ["--help"], stdout=("--batch", "--device", "--attn")),
+    _bad("bench zero batch", BENCH + ["--batch", "0", "--out", "{tmp}/b1/x.json"], "--batch 0", out="{tmp}/b1"),
+    _bad("bench negative keep", BENCH + ["--keep", "-1", "--out", "{tmp}/b2/x.json"], "--keep -1", out="{tmp}/b2"),
+    _bad("bench method typo", BENCH + ["--methods", "hird", "--out", "{tmp}/b3/x.json"], "'hird'", "hired",
+         out="{tmp}/b3"),
+    _bad("bench unknown dtype", BENCH + ["--dtype", "float8"], "'float8'", "auto"),
+    _bad("bench unknown size", BENCH + ["--size", "huge"], "'huge'", "bench-S"),
+    _bad("gpu.sh missing folder argument", GPU_SH, "OUT"),
     # ---------------------------------------------------------------------------------------------- demo app
     Row("app --help", APP + ["--help"], stdout=("--model", "--dtype")),
     _bad("app zero port", APP + ["--port", "0"], "--port", "'0'"),
