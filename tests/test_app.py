@@ -159,6 +159,183 @@ def test_cli_refuses_a_missing_model_with_a_clear_message(tmp_path):
                        capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert f"--model {str(missing)!r}" in r.stderr and "proxy-next" in r.stderr, r.stderr[-2000:]
+    assert "proxy-mqt" in r.stderr, r.stderr[-2000:]
+
+
+def test_mistyped_proxy_name_fails_at_once_with_the_proxy_names():
+    from vlprune_app.engine import load_model
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"'proxy-nxt'.*\(proxy, proxy-next, proxy-mqt\).*Did you mean 'proxy-next'"):
+        load_model("proxy-nxt")
+    assert time.perf_counter() - t0 < 5, "no hub round trip for a name that cannot be a model"
+
+
+def test_budget_messages_name_whole_numbers():
+    from vlprune_app.params import parse_budget
+
+    with pytest.raises(ValueError, match=r"budget 1\.5 is above 1 .*\(e\.g\. 1 or 2\) or a share below 1"):
+        parse_budget(1.5)
+    with pytest.raises(ValueError, match=r"\(e\.g\. 64 or 65\)"):
+        parse_budget("64.5")
+
+
+# ------------------------------------------------------------------------------------- in-process: Session and cards
+@pytest.fixture(scope="module")
+def sessions():
+    """Sessions on the shipped proxy models, loaded once per module and only when a test asks for one."""
+    from vlprune_app.engine import Session, load_model
+
+    cache = {}
+
+    def get(spec: str):
+        if spec not in cache:
+            model, processor = load_model(spec)
+            cache[spec] = Session(model, processor, spec)
+        return cache[spec]
+    return get
+
+
+def _pil(path):
+    from PIL import Image
+
+    return Image.open(path).convert("RGB")
+
+
+def test_timing_rounds_interleave_the_methods(sessions, scenes):
+    """By default every method is timed 3 times, in rounds that take all methods in turn, each round starting one
+    method later; the reported time is the median of that method's rounds."""
+    import statistics
+
+    import vlprune
+    from vlprune_app.engine import DEFAULT_REPEATS
+
+    session = sessions("proxy")
+    image, question, _ = scenes[0]
+    methods = [(m, vlprune.get_method(m, keep=BUDGET)) for m in ("pool", "fastv")]
+    comp = session.compare(_pil(image), question, methods, max_new_tokens=1)
+    assert DEFAULT_REPEATS >= 3 and comp.repeats == DEFAULT_REPEATS
+    names = ["unpruned", "pool", "fastv"]
+    rounds = [[n for r, n in comp.timing_order if r == k] for k in range(comp.repeats)]
+    assert rounds == [names[k % 3:] + names[:k % 3] for k in range(comp.repeats)], comp.timing_order
+    for row in comp.rows:
+        assert len(row.prefill_runs_ms) == len(row.e2e_runs_ms) == comp.repeats
+        assert row.prefill_ms == statistics.median(row.prefill_runs_ms)
+        assert row.e2e_ms == statistics.median(row.e2e_runs_ms)
+
+
+def test_prefill_slower_than_end_to_end_is_flagged(sessions, scenes, monkeypatch):
+    import vlprune
+    from vlprune_app.ui import render_outputs
+
+    session = sessions("proxy")
+    image, question, _ = scenes[0]
+    # the unpruned model's prefill "takes" longer than its whole generate: a busy machine
+    monkeypatch.setattr(session, "_time", lambda method, inputs, n: (0.3, 0.2) if method is None else (0.01, 0.02))
+    comp = session.compare(_pil(image), question, [("pool", vlprune.get_method("pool", keep=BUDGET))],
+                           max_new_tokens=1, repeats=2)
+    base, pool = comp.rows
+    assert "prefill (300 ms) timed slower than end-to-end (200 ms)" in base.timing_note
+    assert pool.timing_note is None
+    answers, cards, table, df, raw, status = render_outputs(session, comp)
+    assert "slower than e2e" in table[0][7] and "slower than e2e" not in table[1][7]
+    assert "1 method(s) timed a prefill slower than their end-to-end run" in status
+    assert "prefill (300 ms) timed slower" in cards[0][1]
+
+
+def test_card_says_why_kept_exceeds_the_budget(sessions):
+    """Kept tokens above the budget are explained on the card from the stats (AnyRes newline tokens); within the
+    budget, no note."""
+    import vlprune
+    from vlprune_app.engine import MethodResult
+    from vlprune_app.ui import budget_note, render_outputs
+
+    def row(kept, newlines, budget=64):
+        return MethodResult(name="hired", label="hired", params={}, visual_tokens=1464, kept=kept, budget=budget,
+                            newlines_kept=newlines)
+
+    assert budget_note(row(64, 24)) is None and budget_note(row(60, 0)) is None
+    assert budget_note(row(112, 48)) == ("kept 112 > budget 64: 48 of them are newline tokens (one per row of the "
+                                         "AnyRes grid), which this method keeps beside its 64 image tokens")
+    assert "the image tokens exceed the budget by 6 too" in budget_note(row(94, 24))
+    assert budget_note(row(70, 0)) == "kept 70 > budget 64: the method's own rule keeps 6 more than the budget"
+
+    session = sessions("proxy-next")
+    from evals.proxy.scenes import make_sample, render, split_seed
+
+    scene = render(make_sample(split_seed("test", 3), "counting", geometry="next").scene)
+    methods = [(m, vlprune.get_method(m, keep=BUDGET)) for m in ("hired", "globalcom2", "todre")]
+    comp = session.compare(scene, "how many objects are there ?", methods, max_new_tokens=1, repeats=1)
+    n_newline = int((comp.layout.kind == 1).sum())
+    assert n_newline > 0
+    answers, cards, table, df, raw, status = render_outputs(session, comp)
+    for r, (pic, caption) in zip(comp.rows[1:], cards[1:]):
+        assert r.error is None, r.error
+        assert r.budget == BUDGET and 0 <= r.newlines_kept <= min(r.kept, n_newline)
+        if r.kept > BUDGET:  # the card says why, whatever the methods' budget rule is today
+            assert f"kept {r.kept} > budget {BUDGET}" in caption, caption
+            if r.newlines_kept:
+                assert f"{r.newlines_kept} of them are newline tokens" in caption, caption
+        else:
+            assert "> budget" not in caption, caption
+
+    # a row over its budget with newline tokens: the card and the table say so
+    over = comp.rows[1]
+    over.kept, over.newlines_kept = BUDGET + 24, 24
+    answers, cards, table, df, raw, status = render_outputs(session, comp)
+    assert f"kept {BUDGET + 24} > budget {BUDGET}: 24 of them are newline tokens" in cards[1][1]
+    assert table[1][2].endswith(f"(budget {BUDGET}; 24 newline tokens)")
+
+
+def test_mqt_tokens_are_shown_as_a_note_not_a_dark_image(sessions, scenes):
+    """MQT's visual tokens are learned queries with no place on the image: every card (the unpruned one too) shows
+    the image undimmed with a note, not an image dimmed as if every token had been dropped."""
+    import numpy as np
+
+    import vlprune
+    from vlprune_app.ui import render_outputs
+
+    image, question, _ = scenes[0]
+    pil = _pil(image)
+    session = sessions("proxy-mqt")
+    comp = session.compare(pil, question, [("pool", vlprune.get_method("pool", keep=BUDGET))], max_new_tokens=1,
+                           repeats=1)
+    assert [r.placed for r in comp.rows] == [False, False]
+    answers, cards, table, df, raw, status = render_outputs(session, comp)
+    bright = np.asarray(pil.convert("L"), dtype=np.float32).mean()
+    for (pic, caption), r in zip(cards, comp.rows):
+        top = np.asarray(pic.convert("L"), dtype=np.float32)[40:300].mean()  # under the title: the picture
+        assert top > 0.8 * bright, (r.name, top, bright)
+    plain = sessions("proxy").compare(pil, question, [], max_new_tokens=1, repeats=1)
+    assert plain.rows[0].placed  # patch tokens are drawn on the image as before
+
+
+def test_expected_answer_is_cleared_by_an_upload(sessions):
+    """An upload (or clearing the image) empties the example's expected answer."""
+    from vlprune_app.ui import build_demo
+
+    demo = build_demo(sessions("proxy"), results_dir=ROOT / "results")
+    config = demo.get_config_file()
+    ids = {c["props"].get("elem_id"): c["id"] for c in config["components"] if c.get("props", {}).get("elem_id")}
+    clears = {t[1] for d in config["dependencies"] for t in d["targets"]
+              if t[0] == ids["image-in"] and d["outputs"] == [ids["expected"]]}
+    assert {"upload", "clear"} <= clears, clears
+    for fn in demo.fns.values():
+        if any(t[0] == ids["image-in"] and t[1] == "upload" for t in fn.targets):
+            assert fn.fn() == ""
+
+
+def test_harness_tab_opens_on_the_default_run(tmp_path):
+    """results/<model>-default comes first (the tab's opening choice) even when another run is newer."""
+    from vlprune_app.results import find_runs
+
+    old = _harness_folder(tmp_path, "proxy-default", dict(meta=dict(model="proxy"), results=[]))
+    new = _harness_folder(tmp_path, "tokens-proxy", dict(meta=dict(model="proxy"), results=[]))
+    other = _harness_folder(tmp_path, "llm-proxy", dict(meta=dict(model="proxy"), results=[]))
+    now = time.time()
+    for folder, age in ((old, 300), (new, 0), (other, 100)):
+        os.utime(folder / "results.json", (now - age, now - age))
+    assert [r.name for r in find_runs(tmp_path, "proxy")] == ["proxy-default", "tokens-proxy", "llm-proxy"]
 
 
 def test_registry_methods_offered(server):
@@ -193,7 +370,7 @@ def test_one_method_per_request(server, scenes, method):
     assert len(gallery) == 2 and all(g["image"]["path"] for g in gallery)
     assert [r[0] for r in table["data"]] == ["unpruned", method]
     layers = {(d[2], d[0]): d[1] for d in plot["data"]}
-    assert layers[(method, len(row["visual_per_layer"]) - 1)] == row["kept"]
+    assert layers[(method, str(len(row["visual_per_layer"]) - 1))] == row["kept"]  # whole layers, as labels
     assert row["merged"] == (method == "pool")
     if method == "fastv":  # pruned inside the decoder at layer k=2: all tokens enter, the budget leaves
         assert row["visual_per_layer"][:2] == [576, 576] and row["visual_per_layer"][2] == BUDGET
@@ -245,8 +422,14 @@ def test_concurrent_requests_equal_sequential_runs(server, scenes):
         assert [r["visual_per_layer"] for r in con["rows"]] == [r["visual_per_layer"] for r in seq["rows"]]
     first, second = sorted((con_a, con_b), key=lambda r: r["started_at"])
     assert first["finished_at"] <= second["started_at"], "two requests held the model at the same time"
+    # the second request queued behind the first (in Gradio's queue): it says how long it waited
+    assert second["waited_s"] >= 0.8 * first["ran_s"], (second["waited_s"], first["ran_s"])
     if "pool" in SEQUENTIAL and SEQUENTIAL["pool"][0] == img_a:  # also equal to the one-request-per-method runs
         assert _summary(con_a) == SEQUENTIAL["pool"][2]
+
+
+def _refusals(server) -> list[str]:
+    return [ln for ln in server.log.read_text(errors="replace").splitlines() if ln.startswith("[app] refused input:")]
 
 
 def test_bad_uploads_get_clear_messages_and_server_keeps_serving(server, scenes, tmp_path):
@@ -254,6 +437,7 @@ def test_bad_uploads_get_clear_messages_and_server_keeps_serving(server, scenes,
 
     image, question, _ = scenes[0]
     client = server.client()
+    logged = len(_refusals(server))
     bad = tmp_path / "not_an_image.png"
     bad.write_text("this is text, not a PNG")
     with pytest.raises(Exception, match=r"Could not read not_an_image\.png as an image"):
@@ -284,7 +468,16 @@ def test_bad_uploads_get_clear_messages_and_server_keeps_serving(server, scenes,
         _run(client, image, question, ["pool"], budget=-3)
     with pytest.raises(Exception, match="Type a question"):
         _run(client, image, "   ", ["pool"])
+    with pytest.raises(Exception, match=r"Invalid settings: budget 1\.5 .*e\.g\. 1 or 2\)"):
+        _run(client, image, question, ["pool"], budget=1.5)
     assert server.alive()
+    # one line in the server log per refused input (the 413 upload never reaches the app), no tracebacks
+    refused = _refusals(server)[logged:]
+    assert len(refused) == 7, refused
+    assert [r.split(": ")[1] for r in refused] == ["Unreadable image", "Unreadable image", "Image too large",
+                                                    "No method", "Invalid settings", "No question",
+                                                    "Invalid settings"], refused
+    assert "Traceback" not in server.log.read_text(errors="replace")
     raw = _raw(_run(client, image, question, ["random"]))  # still serving, with correct results
     assert raw["rows"][1]["kept"] == BUDGET and raw["rows"][1]["error"] is None
 
@@ -296,6 +489,8 @@ def test_harness_results_tab(server):
     by_id = {c.get("props", {}).get("elem_id"): c for c in config["components"] if c.get("props", {}).get("elem_id")}
     runs = json.loads((ROOT / "results" / "proxy-default" / "results.json").read_text())
     assert "harness-caption" in by_id, "no harness results shown although results/proxy-default exists"
+    assert by_id["harness-run"]["props"]["value"] == "proxy-default", "the tab opens on the default run"
+    assert "results/proxy-default" in by_id["harness-caption"]["props"]["value"]
     assert "model `proxy`" in by_id["harness-caption"]["props"]["value"]
     assert "proxy-default" in json.dumps(by_id["harness-run"]["props"]["choices"])
     table = by_id["harness-table"]["props"]["value"]["data"]
@@ -362,64 +557,46 @@ def test_harness_table_reads_results_written_before_the_intervals(tmp_path):
     assert "n/a" in run.caption()
 
 
-def _chromium():
-    for b in ("chromium", "chromium-browser"):
-        p = shutil.which(b)
-        if p:
-            return p
-    return None
+def _screenshots_module():
+    """docs/screenshots.py (the script that writes the README's pictures), loaded from its path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vlprune_docs_screenshots", ROOT / "docs" / "screenshots.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def test_browser_click_runs_a_comparison(request, scenes):
-    """Headless Chromium: load the page, upload a scene, type the question, click Compare, wait for the answers,
-    save a screenshot to docs/demo.png."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+def test_browser_click_runs_a_comparison(request, scenes, tmp_path):
+    """Headless Chromium, as docs/screenshots.py drives it: load the page, pick an example (it fills in the expected
+    answer), upload a scene (which clears it), type the question, click Compare, wait for the answers; screenshots
+    go to a temporary folder only (docs/screenshots.py writes the committed ones)."""
+    pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
     from selenium.common.exceptions import WebDriverException
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    browser, driver_path = _chromium(), shutil.which("chromedriver")
+    shots = _screenshots_module()
+    browser, driver_path = shots.chromium()
     if browser is None or driver_path is None:
         pytest.skip(f"headless browser test needs Debian's chromium and chromium-driver (apt-get install chromium "
                     f"chromium-driver); found chromium={browser}, chromedriver={driver_path}")
     server = request.getfixturevalue("server")  # only once the browser is known to exist
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,2200",
-              "--hide-scrollbars"):
-        opts.add_argument(a)
+    tracked = {p: p.stat().st_mtime for p in (ROOT / "docs").glob("*.png")}
     try:
-        driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+        driver = shots.start_driver(1400)
     except WebDriverException as e:
         pytest.skip(f"chromium could not be started here: {str(e).splitlines()[0]}")
-    shot = ROOT / "docs" / "demo.png"
+    shot = tmp_path / "demo.png"
     try:
-        driver.set_page_load_timeout(60)
-        driver.get(server.url)
-        wait = WebDriverWait(driver, 60)
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#run-btn")
-                   and d.find_elements(By.CSS_SELECTOR, "#image-in input[type=file]")
-                   and d.find_elements(By.CSS_SELECTOR, "#question textarea"))
         image, question, _ = scenes[1]
-        driver.find_element(By.CSS_SELECTOR, "#image-in input[type=file]").send_keys(image)
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image-in img"))
-        box = driver.find_element(By.CSS_SELECTOR, "#question textarea")
-        box.clear()
-        box.send_keys(question)
-        driver.find_element(By.CSS_SELECTOR, "#run-btn").click()
-        answers = lambda d: d.find_element(By.CSS_SELECTOR, "#answers textarea").get_attribute("value")  # noqa: E731
-        WebDriverWait(driver, 120).until(lambda d: answers(d).count("\n") >= 3)
-        lines = answers(driver).splitlines()
-        assert [ln.split(":")[0] for ln in lines] == ["unpruned", "pool", "cls_attn", "fastv"], lines
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 4)
-        wait.until(lambda d: "fastv" in d.find_element(By.CSS_SELECTOR, "#results").text)
-        time.sleep(1.0)  # let the gallery images finish painting before the screenshot
-        shot.parent.mkdir(exist_ok=True)
-        driver.save_screenshot(str(shot))
+        seen = shots.compare_in_browser(driver, server.url, image, question)
+        assert seen["expected_after_example"], "clicking an example shows its expected answer"
+        assert seen["expected_after_upload"] == "", seen  # an upload is not that example any more
+        assert [ln.split(":")[0] for ln in seen["answers"]] == ["unpruned", "pool", "cls_attn", "fastv"], seen
+        shots.save_page(driver, shot)
     except Exception:
-        driver.save_screenshot(str(ROOT / "docs" / "demo-failure.png"))
+        driver.save_screenshot(str(tmp_path / "demo-failure.png"))
         raise
     finally:
         driver.quit()
     assert shot.exists() and shot.stat().st_size > 10_000
+    assert {p: p.stat().st_mtime for p in (ROOT / "docs").glob("*.png")} == tracked, "the test rewrote docs/"

@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("lmms_eval") is None,
     reason="lmms-eval is not installed; install it as the README's lmms-eval section says "
-           "(pip install --no-deps lmms_eval==0.7.3 && pip install -e '.[lmms]'); .ci/run does")
+           "(pip install -e '.[lmms]' && pip install --no-deps lmms_eval==0.7.3); .ci/run does")
 
 N = 8
 
@@ -67,6 +67,23 @@ def test_bad_model_args_name_the_fix():
         VlpruneModel(method="random", keep=8, dtype="float64")
     with pytest.raises(ValueError, match="batch_size"):
         VlpruneModel(method="random", keep=8, batch_size="auto")
+
+
+def test_unknown_pretrained_name_fails_at_once(monkeypatch):
+    """A name that is no proxy model, no folder and no cached hub id is refused before any hub call (it used to
+    spend about a minute retrying the hub), with the proxy names and the closest one."""
+    import time
+
+    from vlprune_lmms_eval.models.vlprune import VlpruneModel
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # even with the hub allowed
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"pretrained='proxy-nxt' .*\(proxy, proxy-next, proxy-mqt\).*"
+                                         r"Did you mean 'proxy-next'\?"):
+        VlpruneModel(pretrained="proxy-nxt", method="random", keep=8)
+    with pytest.raises(ValueError, match=r"pretrained='\./no-such-folder' is not an existing folder"):
+        VlpruneModel(pretrained="./no-such-folder")
+    assert time.perf_counter() - t0 < 5
 
 
 def test_export_writes_a_task_and_a_harness_benchmark(tmp_path):

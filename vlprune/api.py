@@ -37,7 +37,11 @@ def apply(model, method, **kwargs):
     ``method`` is a registered name (``vlprune.list_methods()``) with its hyperparameters as keywords, a Method
     instance, or a list of them (a composition). A second ``apply`` replaces the first.
 
-    >>> vlprune.apply(model, "fastv", k=2, keep=64)        # doctest: +SKIP
+    Returns ``model`` itself (the same object, patched), so calls chain:
+    ``vlprune.apply(model, "pool", keep=64).generate(**inputs)``. In a notebook, a cell ending with a bare
+    ``vlprune.apply(...)`` therefore prints the whole model; end it with ``;`` or assign the result.
+
+    >>> model = vlprune.apply(model, "fastv", k=2, keep=64)        # doctest: +SKIP
     """
     m = _as_method(method, kwargs)
     adapter = find_adapter(model)

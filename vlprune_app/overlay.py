@@ -231,55 +231,105 @@ def overlay(image: Image.Image, layout, model_config, image_processor, depth: np
         panels.append((f"crops {rows}x{cols} (hatched: padding, no tokens)", hires))
     gap = 8
     W = sum(p.size[0] for _, p in panels) + gap * (len(panels) - 1)
-    H = max(p.size[1] for _, p in panels) + 18
+    f = font(round(15 * max(1.0, W / 640)))  # the card's text scale (see card)
+    head = round(f.size * 1.4)
+    H = max(p.size[1] for _, p in panels) + head
     out = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(out)
     x = 0
     for label, p in panels:
-        d.text((x + 2, 2), label, fill=(40, 40, 40), font=font(12))
-        out.paste(p, (x, 18))
+        d.text((x + 2, 2), label, fill=(40, 40, 40), font=f)
+        out.paste(p, (x, head))
         x += p.size[0] + gap
     return out
 
 
+def note_picture(image: Image.Image, lines: list[str], display: int = 448) -> Image.Image:
+    """The image (whole, undimmed) with a note under it, for visual tokens that have no place on the image (the
+    learned queries of an MQT projector each look at the whole image)."""
+    img = image.convert("RGB")
+    scale = display / max(img.size)
+    view = img.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))), Image.BICUBIC)
+    f = font(max(12, round(display * 17 / 448)))
+    wrapped = [w for line in lines for w in wrap(line, f, display - 12)]
+    step = round(f.size * 1.3)
+    out = Image.new("RGB", (display, view.size[1] + 10 + step * len(wrapped)), (255, 248, 225))
+    out.paste(view, ((display - view.size[0]) // 2, 0))
+    d = ImageDraw.Draw(out)
+    y = view.size[1] + 5
+    for line in wrapped:
+        d.text((6, y), line, fill=(90, 60, 0), font=f)
+        y += step
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------- cards
-def layer_chart(per_layer, n_in: int, width: int, height: int = 84) -> Image.Image:
-    """Visual tokens entering each decoder layer as bars (grey outline: all ``n_in`` tokens)."""
+def wrap(text: str, f, width: int) -> list[str]:
+    """``text`` broken into lines no wider than ``width`` pixels in font ``f`` (at spaces; long words stay whole)."""
+    words, lines, cur = text.split(" "), [], ""
+    for w in words:
+        trial = w if not cur else cur + " " + w
+        if cur and f.getlength(trial) > width:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = trial
+    lines.append(cur)
+    return lines
+
+
+def layer_chart(per_layer, n_in: int, width: int, height: int | None = None, scale: float = 1.0) -> Image.Image:
+    """Visual tokens entering each decoder layer as bars (grey outline: all ``n_in`` tokens), with the layer numbers
+    under the bars. ``scale`` grows fonts and margins with the card."""
+    f_head, f_tick = font(max(11, round(14 * scale))), font(max(10, round(12 * scale)))
+    head_h, tick_h = round(f_head.size * 1.4), round(f_tick.size * 1.35)
+    height = height or head_h + round(64 * scale) + tick_h + 4
     img = Image.new("RGB", (width, height), (250, 250, 252))
     d = ImageDraw.Draw(img)
-    f = font(11)
-    d.text((4, 2), f"visual tokens per decoder layer (of {n_in})", fill=(60, 60, 60), font=f)
-    top, bottom, left, right = 18, height - 14, 4, width - 4
+    d.text((4, 2), f"visual tokens per decoder layer (of {n_in})", fill=(60, 60, 60), font=f_head)
+    top, bottom, left, right = head_h + 2, height - tick_h - 2, 4, width - 4
     L = max(1, len(per_layer))
     bw = (right - left) / L
+    every = 1
+    while every < L and f_tick.getlength(str(L - 1)) + 4 > bw * every:  # label every k-th layer so labels fit
+        every += 1
     for i, v in enumerate(per_layer):
         x0, x1 = left + i * bw + 1, left + (i + 1) * bw - 1
         d.rectangle([x0, top, x1, bottom], outline=(200, 200, 205))
         hgt = (bottom - top) * (min(float(v), n_in) / max(1, n_in))
         d.rectangle([x0, bottom - hgt, x1, bottom], fill=(60, 120, 220))
-        if L <= 40 and (L <= 16 or i % max(1, L // 16) == 0):
-            d.text((x0 + 1, bottom + 1), str(i), fill=(90, 90, 90), font=font(9))
+        if i % every == 0:
+            label = str(i)
+            d.text(((x0 + x1) / 2 - f_tick.getlength(label) / 2, bottom + 1), label, fill=(90, 90, 90), font=f_tick)
     return img
 
 
-def card(title: str, lines: list[str], picture: Image.Image, per_layer, n_in: int, error: str | None = None
-         ) -> Image.Image:
-    """One result: title, the overlay, a few text lines and the per-layer chart, stacked."""
+def card(title: str, lines: list[str], picture: Image.Image, per_layer, n_in: int, error: str | None = None,
+         notes: tuple = ()) -> Image.Image:
+    """One result: title, the overlay, a few text lines, notes (amber) and the per-layer chart, stacked.
+
+    Fonts grow with a card wider than 640 px (17 px text up to that), so that the text stays readable when the
+    gallery scales a wide AnyRes card down to its column."""
     width = max(336, picture.size[0])
-    f_title, f_text = font(15), font(13)
-    text_h = 6 + 17 * len(lines)
-    chart = layer_chart(per_layer, n_in, width) if per_layer else None
-    H = 24 + picture.size[1] + text_h + (chart.size[1] if chart else 0) + 4
+    scale = max(1.0, width / 640)
+    f_title, f_text = font(max(14, round(20 * scale))), font(max(12, round(17 * scale)))
+    step = round(f_text.size * 1.3)
+    body = [(line, (180, 20, 20) if error and i == 0 else (25, 25, 25)) for i, line in enumerate(lines)]
+    body += [(line, (150, 80, 0)) for line in notes]
+    wrapped = [(w, colour) for line, colour in body for w in wrap(line, f_text, width - 12)]
+    text_h = 6 + step * len(wrapped)
+    chart = layer_chart(per_layer, n_in, width, scale=scale) if per_layer else None
+    title_h = round(f_title.size * 1.45)
+    H = title_h + 2 + picture.size[1] + text_h + (chart.size[1] + 4 if chart else 0) + 4
     out = Image.new("RGB", (width, H), (255, 255, 255))
     d = ImageDraw.Draw(out)
-    d.rectangle([0, 0, width, 22], fill=(35, 45, 70))
-    d.text((6, 3), title, fill=(255, 255, 255), font=f_title)
-    out.paste(picture, ((width - picture.size[0]) // 2, 24))
-    y = 24 + picture.size[1] + 4
-    for i, line in enumerate(lines):
-        colour = (180, 20, 20) if error and i == 0 else (25, 25, 25)
+    d.rectangle([0, 0, width, title_h], fill=(35, 45, 70))
+    d.text((6, round(f_title.size * 0.2)), title, fill=(255, 255, 255), font=f_title)
+    out.paste(picture, ((width - picture.size[0]) // 2, title_h + 2))
+    y = title_h + 2 + picture.size[1] + 4
+    for line, colour in wrapped:
         d.text((6, y), line, fill=colour, font=f_text)
-        y += 17
+        y += step
     if chart is not None:
         out.paste(chart, (0, y + 2))
     return out

@@ -180,8 +180,8 @@ def parse_budget(budget) -> dict:
     if b < 1:
         return {"keep_ratio": b}
     if b != int(b):
-        raise ValueError(f"budget {budget!r} is above 1 but not a whole number of tokens; give e.g. "
-                         f"{int(b)} tokens or a share below 1")
+        raise ValueError(f"budget {budget!r} is above 1 but not a whole number of tokens; give a whole number of "
+                         f"tokens (e.g. {math.floor(b)} or {math.ceil(b)}) or a share below 1 (e.g. 0.25)")
     return {"keep": int(b)}
 
 

@@ -121,8 +121,15 @@ def _same_model(recorded, spec: str) -> bool:
         return False
 
 
+def default_run_name(spec: str) -> str:
+    """The folder of a model's default harness run: ``<model>-default`` (``results/proxy-default`` for the proxy;
+    a hub id's ``/`` becomes ``--``)."""
+    return f"{spec.replace('/', '--')}-default"
+
+
 def find_runs(results_dir, spec: str) -> list[HarnessRun]:
-    """Every results folder under ``results_dir`` whose run used the model ``spec``, newest first."""
+    """Every results folder under ``results_dir`` whose run used the model ``spec``: the default run
+    (``default_run_name``) first, then the others newest first."""
     root = Path(results_dir)
     runs = []
     for path in sorted(root.glob("*/results.json"), key=lambda p: p.stat().st_mtime, reverse=True):
@@ -136,4 +143,5 @@ def find_runs(results_dir, spec: str) -> list[HarnessRun]:
             blind = data.get("blind")
             runs.append(HarnessRun(path.parent.name, path.parent, meta, rows,
                                    blind if isinstance(blind, dict) else None))
-    return runs
+    default = default_run_name(spec)
+    return sorted(runs, key=lambda r: r.name != default)  # stable: the rest stay newest first

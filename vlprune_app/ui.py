@@ -15,15 +15,17 @@ direct POSTs), and ``Session.compare`` holds the model lock around apply -> run 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import PIL.Image
 
-from .engine import Session
-from .overlay import card, overlay
+from .engine import DEFAULT_REPEATS, Session
+from .overlay import card, note_picture, overlay
 from .params import changed_values, method_kwargs, method_specs, parse_budget, parse_overrides
 from .results import find_runs
 
@@ -31,6 +33,15 @@ ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 DEFAULT_METHODS = ("pool", "cls_attn", "fastv")  # pre-ticked when registered; every registered method is listed
 MAX_QUESTION = 500
+MAX_REPEATS = 10
+
+
+def refuse(kind: str, message: str) -> gr.Error:
+    """The error for a refused input: the user sees "kind: message" (this Gradio shows every toast titled
+    "Error", so the kind goes into the text), and the server log gets one line instead of a traceback."""
+    text = f"{kind}: {message}"
+    print(f"[app] refused input: {' '.join(text.split())}", file=sys.stderr, flush=True)
+    return gr.Error(text, print_exception=False)
 
 
 class Limits:
@@ -49,12 +60,12 @@ class Limits:
     def check(self, img: PIL.Image.Image) -> None:
         w, h = img.size
         if w > self.max_side or h > self.max_side or w * h > self.max_pixels:
-            raise gr.Error(
-                f"The image is {w}x{h} px ({w * h / 1e6:.1f} megapixels); this demo accepts at most {self.max_side} "
-                f"px per side and {self.max_pixels / 1e6:.1f} megapixels. Downscale it (the model sees 336 px tiles "
-                f"anyway) and upload it again.", title="Image too large")
+            raise refuse("Image too large",
+                         f"The image is {w}x{h} px ({w * h / 1e6:.1f} megapixels); this demo accepts at most "
+                         f"{self.max_side} px per side and {self.max_pixels / 1e6:.1f} megapixels. Downscale it (the "
+                         f"model sees 336 px tiles anyway) and upload it again.")
         if w < 2 or h < 2:
-            raise gr.Error(f"The image is {w}x{h} px; give an image of at least 2x2 px.", title="Image too small")
+            raise refuse("Image too small", f"The image is {w}x{h} px; give an image of at least 2x2 px.")
 
 
 def guarded_image(limits: Limits, **kwargs) -> gr.Image:
@@ -74,22 +85,21 @@ def guarded_image(limits: Limits, **kwargs) -> gr.Image:
         if path and os.path.exists(path):
             size = os.path.getsize(path)
             if size > limits.max_bytes:
-                raise gr.Error(f"{name} is {size / 2 ** 20:.1f} MiB; this demo accepts files up to "
-                               f"{limits.max_bytes / 2 ** 20:.1f} MiB. Compress or downscale it.",
-                               title="File too large")
+                raise refuse("File too large", f"{name} is {size / 2 ** 20:.1f} MiB; this demo accepts files up to "
+                                               f"{limits.max_bytes / 2 ** 20:.1f} MiB. Compress or downscale it.")
         try:
             img = decode(payload)
-        except gr.Error:
-            raise
+        except gr.Error as e:  # Gradio's own refusals (SVG files): logged in one line too
+            raise refuse("Unsupported image", str(e)) from None
         except PIL.Image.DecompressionBombError as e:
-            raise gr.Error(f"{name} has too many pixels ({e}); this demo accepts at most "
-                           f"{limits.max_pixels / 1e6:.1f} megapixels. Downscale it.", title="Image too large") from None
+            raise refuse("Image too large", f"{name} has too many pixels ({e}); this demo accepts at most "
+                                            f"{limits.max_pixels / 1e6:.1f} megapixels. Downscale it.") from None
         except Exception as e:  # malformed, truncated or not an image at all
             reason = str(e).split("\n")[0]
             if path:
                 reason = reason.replace(str(path), name)
-            raise gr.Error(f"Could not read {name} as an image ({type(e).__name__}: {reason[:160]}). Upload a PNG, "
-                           f"JPEG, WebP, BMP or GIF file.", title="Unreadable image") from None
+            raise refuse("Unreadable image", f"Could not read {name} as an image ({type(e).__name__}: "
+                                             f"{reason[:160]}). Upload a PNG, JPEG, WebP, BMP or GIF file.") from None
         if img is not None:
             limits.check(img)
         return img
@@ -143,6 +153,33 @@ def _title(r) -> str:
     return f"{r.name} {b}{extra}".strip()
 
 
+def budget_note(r) -> str | None:
+    """Why a method kept more tokens than the request's budget, from its stats (None when within the budget)."""
+    if r.budget is None or r.kept <= r.budget:
+        return None
+    text = f"kept {r.kept} > budget {r.budget}: "
+    image_tokens = r.kept - r.newlines_kept
+    if r.newlines_kept:
+        text += (f"{r.newlines_kept} of them are newline tokens (one per row of the AnyRes grid), which this "
+                 f"method keeps beside its {image_tokens} image tokens")
+        if image_tokens > r.budget:
+            text += f"; the image tokens exceed the budget by {image_tokens - r.budget} too (the method's own rule)"
+    else:
+        text += f"the method's own rule keeps {r.kept - r.budget} more than the budget"
+    return text + (f" ({'; '.join(r.notes)})" if r.notes else "")
+
+
+def _picture(session: Session, comp, r, depth, merged_into, display: int):
+    if r.placed:
+        return overlay(comp.image, comp.layout, session.model.config, session.processor.image_processor, depth,
+                       merged_into, display)
+    return note_picture(comp.image, [
+        f"No place on the image: each of the {r.visual_tokens} visual tokens is a learned query of the projector "
+        f"that looks at the whole image (MQT), not an image patch.",
+        f"all {r.visual_tokens} enter the decoder" if r.name == "unpruned" else
+        f"{r.kept} of the {r.visual_tokens} enter the decoder"], display)
+
+
 def render_outputs(session: Session, comp, display: int = 448):
     import pandas as pd
 
@@ -151,51 +188,88 @@ def render_outputs(session: Session, comp, display: int = 448):
     for r in comp.rows:
         if r.error:
             answers.append(f"{r.name}: ERROR {r.error}")
-            pic = overlay(comp.image, comp.layout, session.model.config, session.processor.image_processor,
-                          np.zeros(comp.visual_tokens, dtype=np.float32), None, display)
+            pic = _picture(session, comp, r, np.zeros(comp.visual_tokens, dtype=np.float32), None, display)
             cards.append((card(_title(r), [f"error: {r.error[:70]}"], pic, [], comp.visual_tokens, error=r.error),
                           f"{r.name}: error"))
             table.append([r.name, f"ERROR: {r.error}", "-", "-", "-", "-", "-", "-", "-", "-", r.label])
             continue
         answers.append(f"{r.name}: {r.answer}")
         ratio = (r.tflops_prefill / base.tflops_prefill) if r.tflops_prefill and base.tflops_prefill else None
-        pic = overlay(comp.image, comp.layout, session.model.config, session.processor.image_processor, r.depth,
-                      r.merged_into, display)
+        pic = _picture(session, comp, r, r.depth, r.merged_into, display)
         kept_txt = f"{r.kept}/{r.visual_tokens}"
         if r.kept_before_llm != r.kept and r.name != "unpruned":
             kept_txt += f" ({r.kept_before_llm} enter the decoder)"
+        over = budget_note(r)
+        if over:
+            kept_txt += f" (budget {r.budget}" + (f"; {r.newlines_kept} newline tokens)" if r.newlines_kept else ")")
         text = [f"answer: {r.answer!r}" + ("" if r.name == "unpruned" else
                                           ("  (same as unpruned)" if r.answer == base.answer else "  (differs)")),
-                f"kept {kept_txt}{'  merged' if r.merged else ''}",
+                f"kept {r.kept}/{r.visual_tokens}" + (f" ({r.kept_before_llm} enter the decoder)"
+                                                       if r.kept_before_llm != r.kept and r.name != "unpruned" else "")
+                + ("  merged" if r.merged else ""),
                 f"TFLOPs prefill {_fmt(r.tflops_prefill, '.4f')}" + (f" ({ratio:.2f}x)" if ratio else ""),
                 f"prefill {_fmt(r.prefill_ms, '.0f')} ms, end-to-end {_fmt(r.e2e_ms, '.0f')} ms"]
-        cards.append((card(_title(r), text, pic, r.visual_per_layer, r.visual_tokens),
+        notes = [n for n in (over, r.timing_note) if n]
+        cards.append((card(_title(r), text, pic, r.visual_per_layer, r.visual_tokens, notes=notes),
                       f"{r.name}: {r.answer!r}, kept {r.kept}/{r.visual_tokens}, {_fmt(r.tflops_prefill, '.4f')} "
-                      f"TFLOPs, prefill {_fmt(r.prefill_ms, '.0f')} ms, e2e {_fmt(r.e2e_ms, '.0f')} ms"))
+                      f"TFLOPs, prefill {_fmt(r.prefill_ms, '.0f')} ms, e2e {_fmt(r.e2e_ms, '.0f')} ms"
+                      + "".join(f". {n}" for n in notes)))
+        prefill_cell = _fmt(r.prefill_ms, ".1f") + (" (slower than e2e: noisy)" if r.timing_note else "")
         table.append([r.name, r.answer, kept_txt, _fmt(r.equivalent_tokens, ".1f"), _fmt(r.tflops_prefill, ".5f"),
-                      _fmt(r.tflops_generate, ".5f"), _fmt(ratio, ".2f"), _fmt(r.prefill_ms, ".1f"),
+                      _fmt(r.tflops_generate, ".5f"), _fmt(ratio, ".2f"), prefill_cell,
                       _fmt(r.e2e_ms, ".1f"), _fmt(r.method_ms, ".2f"), r.label])
         for layer, v in enumerate(r.visual_per_layer):
-            lines.append({"layer": layer, "visual tokens": v, "method": r.name})
-    df = pd.DataFrame(lines if lines else [{"layer": 0, "visual tokens": 0, "method": "unpruned"}])
+            lines.append({"layer": str(layer), "visual tokens": v, "method": r.name})
+    df = pd.DataFrame(lines if lines else [{"layer": "0", "visual tokens": 0, "method": "unpruned"}])
     raw = {"question": comp.question, "prompt": comp.prompt, "visual_tokens": comp.visual_tokens,
            "model": session.spec, "waited_s": comp.waited_s, "ran_s": comp.ran_s,
-           "started_at": comp.started_at, "finished_at": comp.finished_at,
+           "started_at": comp.started_at, "finished_at": comp.finished_at, "repeats": comp.repeats,
+           "timing_order": [list(x) for x in comp.timing_order],
            "rows": [r.as_json() for r in comp.rows]}
     n_err = sum(1 for r in comp.rows if r.error)
+    n_slow = sum(1 for r in comp.rows if r.timing_note)
     status = (f"Ran the unpruned model and {len(comp.rows) - 1} method(s) on {comp.visual_tokens} visual tokens in "
-              f"{comp.ran_s:.1f} s (waited {comp.waited_s:.1f} s for the shared model). Times: median of the timed "
-              f"runs after one warm-up, on {session.device}; a shared machine makes them noisy. TFLOPs: vlprune's "
-              f"cost model (2 x MACs, whole prefill incl. vision tower)."
+              f"{comp.ran_s:.1f} s (waited {comp.waited_s:.1f} s for the shared model). Times: median of "
+              f"{comp.repeats} timed run(s) per method, in rounds that take the methods in turn, after one untimed "
+              f"pass each, on {session.device}; a shared machine makes them noisy. TFLOPs: vlprune's cost model "
+              f"(2 x MACs, whole prefill incl. vision tower)."
+              + (f" **{n_slow} method(s) timed a prefill slower than their end-to-end run**: the machine was busy; "
+                 f"run again or time more rounds." if n_slow else "")
               + (f" **{n_err} method(s) failed**: see the table." if n_err else ""))
     return "\n".join(answers), cards, table, df, raw, status
 
 
 # Gallery thumbnails are square by default; the result cards are taller (or, for AnyRes, wider): show them whole.
+# Their caption strip would cover the bottom of each card (its per-layer chart); the card holds the same text, so the
+# strip is hidden in the grid (the enlarged view still shows it). Narrow windows get fewer, larger cards.
 CSS = """
 #gallery .thumbnail-item { aspect-ratio: auto !important; height: auto !important; }
 #gallery .thumbnail-item > img { height: auto !important; }
+#gallery .thumbnail-item .caption-label { display: none !important; }
+@media (max-width: 1100px) {
+  #gallery .grid-container { grid-template-columns: repeat(2, minmax(100px, 1fr)) !important; }
+  #gallery.anyres .grid-container { grid-template-columns: repeat(1, minmax(100px, 1fr)) !important; }
+}
 """
+
+
+def queued_seconds(demo: gr.Blocks, request) -> float:
+    """Seconds the running request waited in Gradio's queue before its handler started: another user's request
+    holds the model (queue id "model", limit 1) and this one waits in the queue, not at the model lock. Gradio
+    stamps each queued event when it joins; the running event is the one that carries this handler's HTTP request.
+    0.0 outside a queue (direct calls)."""
+    raw = getattr(request, "request", None) if request is not None else None
+    queue = getattr(demo, "_queue", None)
+    if raw is None or queue is None:
+        return 0.0
+    try:
+        for job in list(getattr(queue, "active_jobs", []) or []):
+            for event in job or []:
+                if getattr(event, "request", None) is raw:
+                    return max(0.0, time.monotonic() - float(event.enqueue_time))
+    except Exception:  # another Gradio version: report only the wait at the model lock
+        pass
+    return 0.0
 
 TABLE_HEADERS = ["method", "answer", "kept / visual", "equiv. tokens", "TFLOPs prefill", "TFLOPs generate",
                  "x unpruned FLOPs", "prefill ms", "e2e ms", "method ms", "hyperparameters"]
@@ -221,54 +295,56 @@ def build_demo(session: Session, results_dir=None, limits: Limits | None = None)
                 if changed:
                     out[name] = changed
         except ValueError as e:
-            raise gr.Error(str(e), title="Invalid hyperparameter") from None
+            raise refuse("Invalid hyperparameter", str(e)) from None
         import json
 
         return json.dumps(out)
 
-    def run(image, question, methods, budget, params, max_new_tokens, repeats):
+    def run(image, question, methods, budget, params, max_new_tokens, repeats, request: gr.Request = None):
         """Run the unpruned model and each chosen method on one image and question.
 
         image: the image; question: text; methods: registered method names; budget: visual tokens kept (an
         integer >= 1) or a share in (0, 1); params: JSON {method: {hyperparameter: value}} overriding the defaults
         (a method's own keep / keep_ratio overrides the budget); max_new_tokens: answer length; repeats: timed runs
-        per method (median). Returns answers, cards, table, per-layer token counts, raw JSON and a status line."""
+        per method (median; the rounds interleave the methods; default 3). Returns answers, cards, table, per-layer
+        token counts, raw JSON and a status line."""
         import vlprune
 
         if image is None:
-            raise gr.Error("Upload an image or pick an example first.", title="No image")
+            raise refuse("No image", "Upload an image or pick an example first.")
         if not isinstance(image, PIL.Image.Image):
-            raise gr.Error(f"Expected an image; got {type(image).__name__}.", title="No image")
+            raise refuse("No image", f"Expected an image; got {type(image).__name__}.")
         limits.check(image)
         question = (question or "").strip()
         if not question:
-            raise gr.Error("Type a question about the image.", title="No question")
+            raise refuse("No question", "Type a question about the image.")
         if len(question) > MAX_QUESTION:
-            raise gr.Error(f"The question has {len(question)} characters; the limit is {MAX_QUESTION}.",
-                           title="Question too long")
+            raise refuse("Question too long",
+                         f"The question has {len(question)} characters; the limit is {MAX_QUESTION}.")
         methods = [methods] if isinstance(methods, str) else list(methods or [])
         if not methods:
-            raise gr.Error(f"Pick at least one method (registered: {', '.join(names)}).", title="No method")
+            raise refuse("No method", f"Pick at least one method (registered: {', '.join(names)}).")
         unknown = [m for m in methods if m not in specs]
         if unknown:
-            raise gr.Error(f"Unknown method(s) {unknown}; registered: {', '.join(names)}.", title="Unknown method")
+            raise refuse("Unknown method", f"Unknown method(s) {unknown}; registered: {', '.join(names)}.")
         methods = list(dict.fromkeys(methods))
         try:
             b = parse_budget(budget)
             overrides = parse_overrides(params, specs)
             built = [(m, vlprune.get_method(m, **method_kwargs(m, specs[m], b, overrides))) for m in methods]
         except (ValueError, TypeError) as e:
-            raise gr.Error(str(e), title="Invalid settings") from None
+            raise refuse("Invalid settings", str(e)) from None
         try:
             new_tokens = int(max_new_tokens) if max_new_tokens else session.default_new_tokens
-            reps = int(repeats) if repeats else 1
+            reps = int(repeats) if repeats else DEFAULT_REPEATS
         except (TypeError, ValueError):
-            raise gr.Error(f"max_new_tokens and repeats must be integers; got {max_new_tokens!r}, {repeats!r}",
-                           title="Invalid settings") from None
-        if not 1 <= new_tokens <= 256 or not 1 <= reps <= 10:
-            raise gr.Error(f"max_new_tokens must be in 1..256 and repeats in 1..10; got {new_tokens}, {reps}",
-                           title="Invalid settings")
-        comp = session.compare(image, question, built, max_new_tokens=new_tokens, repeats=reps)
+            raise refuse("Invalid settings", f"max_new_tokens and repeats must be integers; got {max_new_tokens!r}, "
+                                             f"{repeats!r}") from None
+        if not 1 <= new_tokens <= 256 or not 1 <= reps <= MAX_REPEATS:
+            raise refuse("Invalid settings", f"max_new_tokens must be in 1..256 and repeats in 1..{MAX_REPEATS}; got "
+                                             f"{new_tokens}, {reps}")
+        comp = session.compare(image, question, built, max_new_tokens=new_tokens, repeats=reps,
+                               queued_s=queued_seconds(demo, request))
         return render_outputs(session, comp)
 
     with gr.Blocks(title="vlprune demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
@@ -287,12 +363,13 @@ def build_demo(session: Session, results_dir=None, limits: Limits | None = None)
                     question = gr.Textbox(label="Question", elem_id="question", lines=1, max_lines=3,
                                           placeholder="e.g. is there a red circle in the image ?")
                     expected = gr.Textbox(label="Expected answer (example scenes)", elem_id="expected",
-                                          interactive=False)
+                                          interactive=False, placeholder="(set by an example; cleared on upload)")
                     gr.Markdown(f"Uploads: at most {limits.describe()}.")
                     rows = example_rows(session)
                     if rows:
                         gr.Examples(examples=rows, inputs=[image, question, expected],
-                                    label="Examples: proxy-benchmark scenes and CC0 photos", examples_per_page=5)
+                                    label="Examples: proxy-benchmark scenes and CC0 photos", examples_per_page=5,
+                                    elem_id="examples")
                 with gr.Column(scale=1):
                     methods = gr.CheckboxGroup(names, value=defaults, label="Methods", elem_id="methods",
                                                info="Every registered method; each runs beside the unpruned model.")
@@ -306,7 +383,8 @@ def build_demo(session: Session, results_dir=None, limits: Limits | None = None)
                 with gr.Row():
                     max_new = gr.Slider(1, 64, value=session.default_new_tokens, step=1, label="Max new tokens",
                                         elem_id="max-new-tokens")
-                    repeats = gr.Slider(1, 5, value=1, step=1, label="Timed runs per method (median)",
+                    repeats = gr.Slider(1, MAX_REPEATS, value=DEFAULT_REPEATS, step=1,
+                                        label="Timed runs per method (median; rounds interleave the methods)",
                                         elem_id="repeats")
                 gr.Markdown("A method's own `keep` / `keep_ratio` replaces the budget above for that method. Empty "
                             "fields mean None.")
@@ -336,12 +414,17 @@ def build_demo(session: Session, results_dir=None, limits: Limits | None = None)
                         "before the decoder); merging methods tint each merged region in its own colour. Under each "
                         "image: the answer, tokens kept, TFLOPs, times and the visual tokens entering each decoder "
                         "layer. Click a card to enlarge it.")
-            gallery = gr.Gallery(label="Kept tokens", show_label=False, elem_id="gallery", columns=4, height="auto",
-                                 object_fit="contain", format="png")
+            gallery = gr.Gallery(label="Kept tokens", show_label=False, elem_id="gallery",
+                                 columns=2 if session.anyres else 3, height="auto", object_fit="contain",
+                                 format="png", elem_classes=["anyres"] if session.anyres else None)
             table = gr.Dataframe(headers=TABLE_HEADERS, label="Answers, kept tokens, cost and time per method",
                                  elem_id="results", interactive=False, wrap=True)
+            # layers as labels in layer order (a numeric axis ticks at 0.2, 0.4, ...); tall enough for the legend
+            # under the plot, one entry per method
             plot = gr.LinePlot(x="layer", y="visual tokens", color="method", label="Visual tokens per decoder layer",
-                               elem_id="layers-plot", height=260)
+                               elem_id="layers-plot", height=None,
+                               sort=[str(i) for i in range(session.n_layers)], x_title="decoder layer",
+                               y_lim=[0, None], color_title="method")
             with gr.Accordion("Raw results (JSON)", open=False):
                 raw = gr.JSON(label="Raw results", elem_id="raw")
 
@@ -349,6 +432,9 @@ def build_demo(session: Session, results_dir=None, limits: Limits | None = None)
                 run, [image, question, methods, budget, params_json, max_new, repeats],
                 [answers, gallery, table, plot, raw, status], api_name="run", concurrency_limit=1,
                 concurrency_id="model")
+            # an example fills in its expected answer; an upload or a cleared image is not that example any more
+            image.upload(lambda: "", None, expected, queue=False, api_visibility="private")
+            image.clear(lambda: "", None, expected, queue=False, api_visibility="private")
 
         with gr.Tab("Harness results", id="harness"):
             runs = find_runs(results_dir, session.spec)
@@ -367,7 +453,7 @@ def build_demo(session: Session, results_dir=None, limits: Limits | None = None)
                     note = "" if r.png else "\n\n(no `accuracy_vs_tflops.png` in this folder; table only)"
                     return r.caption() + note, png, r.table()[1]
 
-                cap0, png0, data0 = show(runs[0].name)
+                cap0, png0, data0 = show(runs[0].name)  # find_runs puts the model's default run first
                 pick = gr.Dropdown([r.name for r in runs], value=runs[0].name, label="Results folder",
                                    elem_id="harness-run", info=f"{len(runs)} run(s) of this model under {results_dir}")
                 cap = gr.Markdown(cap0, elem_id="harness-caption")

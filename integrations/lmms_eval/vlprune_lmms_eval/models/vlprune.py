@@ -3,7 +3,8 @@
 ``--model_args`` (comma-separated ``key=value``):
 
 - ``pretrained``: ``proxy`` (the shipped proxy LVLM, the default), ``proxy-next``, ``proxy-mqt``, a local folder or a
-  hub id of a ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration`` model;
+  hub id of a ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration`` model (from the local cache,
+  or ``owner/name`` downloaded unless ``HF_HUB_OFFLINE=1``); any other name is refused at once with the proxy names;
 - ``method``: a registered vlprune method (``vlprune.list_methods()``) or ``none`` for the unpruned model;
 - ``keep`` (tokens) or ``keep_ratio`` (share): the budget; every other key is a hyperparameter of the method
   (``k=2`` for FastV, ``alpha=0.5`` for HiRED, ...), checked by the method itself;
@@ -58,6 +59,10 @@ class VlpruneModel(lmms):
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
             raise ValueError(f"vlprune model: max_new_tokens={max_new_tokens!r} must be a positive integer")
 
+        from evals.models import check_model_name
+
+        # a mistyped name fails here at once, not after a minute of hub retries inside from_pretrained
+        check_model_name(str(pretrained), "vlprune model: pretrained=")
         from accelerate import PartialState
 
         # on a machine without CUDA, processes of `accelerate launch --multi_gpu` join a gloo group only when the
