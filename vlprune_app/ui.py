@@ -176,8 +176,9 @@ def _picture(session: Session, comp, r, depth, merged_into, display: int):
     return note_picture(comp.image, [
         f"No place on the image: each of the {r.visual_tokens} visual tokens is a learned query of the projector "
         f"that looks at the whole image (MQT), not an image patch.",
-        f"all {r.visual_tokens} enter the decoder" if r.name == "unpruned" else
-        f"{r.kept} of the {r.visual_tokens} enter the decoder"], display)
+        f"all {r.visual_tokens} are kept" if r.name == "unpruned" else
+        f"{r.kept_before_llm} of the {r.visual_tokens} enter the decoder, {r.kept} reach its last layer"
+        if r.kept_before_llm != r.kept else f"{r.kept} of the {r.visual_tokens} are kept"], display)
 
 
 def render_outputs(session: Session, comp, display: int = 448):
@@ -310,6 +311,7 @@ def build_demo(session: Session, results_dir=None, limits: Limits | None = None)
         token counts, raw JSON and a status line."""
         import vlprune
 
+        queued = queued_seconds(demo, request)  # first: the checks below are not queueing
         if image is None:
             raise refuse("No image", "Upload an image or pick an example first.")
         if not isinstance(image, PIL.Image.Image):
@@ -344,7 +346,7 @@ def build_demo(session: Session, results_dir=None, limits: Limits | None = None)
             raise refuse("Invalid settings", f"max_new_tokens must be in 1..256 and repeats in 1..{MAX_REPEATS}; got "
                                              f"{new_tokens}, {reps}")
         comp = session.compare(image, question, built, max_new_tokens=new_tokens, repeats=reps,
-                               queued_s=queued_seconds(demo, request))
+                               queued_s=queued)
         return render_outputs(session, comp)
 
     with gr.Blocks(title="vlprune demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
