@@ -109,11 +109,12 @@ def _model_spec(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is a file, not a model folder; {forms}")
     if looks_like_path:
         raise argparse.ArgumentTypeError(f"{text!r} does not exist; {forms}")
-    parts = text.split("/")
-    if len(parts) != 2 or not all(parts):
-        close = did_you_mean(text, PROXY_MODELS)
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a proxy name{close}, a local folder nor a hub id "
-                                         f"(owner/name); {forms}")
+    from .models import check_model_name   # a hub id: cached, or downloadable while the hub is not switched off
+
+    try:
+        check_model_name(text, "--model ")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(" ".join(str(e).split())) from None
     return text
 
 

@@ -92,7 +92,7 @@ ROWS = [
     _bad("eval missing model path", EVAL + ["--model", "/nonexistent/model", "--out", "{tmp}/e1"],
          "'/nonexistent/model'", "does not exist", "proxy-next", out="{tmp}/e1", light=True),
     _bad("eval proxy name typo", EVAL + ["--model", "proxy-nxt", "--out", "{tmp}/e2"], "'proxy-nxt'",
-         "did you mean 'proxy-next'", out="{tmp}/e2", light=True),
+         "Did you mean 'proxy-next'", out="{tmp}/e2", light=True),
     _bad("eval wrong model type", EVAL + ["--model", "{tmp}/bert", "--out", "{tmp}/e3"], "'bert'",
          "'llava'", out="{tmp}/e3", light=True),
     _bad("eval folder without config", EVAL + ["--model", "{tmp}", "--out", "{tmp}/e4"], "without a config.json",

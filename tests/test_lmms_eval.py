@@ -111,7 +111,7 @@ def test_lmms_eval_matches_the_harness(tmp_path):
     env = _env(tmp_path)
     out = tmp_path / "lmms-out"
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "vlprune",
-           "--model_args", "pretrained=proxy,method=hired,keep_ratio=0.2",
+           "--model_args", "pretrained=proxy,method=hired,keep_ratio=0.2,dtype=float32",
            "--tasks", "vlprune_proxy", "--include_path", str(data.parent), "--batch_size", "4",
            "--output_path", str(out), "--log_samples"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)

@@ -8,7 +8,8 @@
 - ``method``: a registered vlprune method (``vlprune.list_methods()``) or ``none`` for the unpruned model;
 - ``keep`` (tokens) or ``keep_ratio`` (share): the budget; every other key is a hyperparameter of the method
   (``k=2`` for FastV, ``alpha=0.5`` for HiRED, ...), checked by the method itself;
-- ``dtype`` (``float32`` | ``bfloat16`` | ``float16``), ``device`` (default: this process's GPU under accelerate, else
+- ``dtype`` (``auto``, the default: bfloat16 where the device computes it natively, else float32 | ``float32`` |
+  ``bfloat16`` | ``float16``), ``device`` (default: this process's GPU under accelerate, else
   ``cuda``, else ``cpu``), ``batch_size`` (left-padded batches; methods give the same answer per sample as at
   batch 1), ``max_new_tokens`` (default: 2 on the proxy models, 16 otherwise, as vlprune's harness; a task's
   ``generation_kwargs.max_new_tokens`` wins).
@@ -30,7 +31,7 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 
 PROXY_MODELS = ("proxy", "proxy-next", "proxy-mqt")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 # keys lmms-eval itself passes to every model, which are not method hyperparameters
 _LMMS_EVAL_KEYS = ("max_batch_size",)
 
@@ -39,7 +40,7 @@ class VlpruneModel(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str = "proxy", method: str | None = None, keep: int | None = None,
-                 keep_ratio: float | None = None, dtype: str = "float32", device: str | None = None,
+                 keep_ratio: float | None = None, dtype: str = "auto", device: str | None = None,
                  batch_size: int | str = 1, max_new_tokens: int | None = None, **kwargs) -> None:
         super().__init__()
         import vlprune
@@ -48,7 +49,7 @@ class VlpruneModel(lmms):
         for k in _LMMS_EVAL_KEYS:
             kwargs.pop(k, None)
         if dtype not in DTYPES:
-            raise ValueError(f"vlprune model: dtype={dtype!r} is not one of {sorted(DTYPES)}; pass e.g. dtype=bfloat16")
+            raise ValueError(f"vlprune model: dtype={dtype!r} is not one of {', '.join(DTYPES)}; pass e.g. dtype=auto")
         try:
             self.batch_size_per_gpu = int(batch_size)
         except (TypeError, ValueError):
@@ -89,7 +90,11 @@ class VlpruneModel(lmms):
 
         self.pretrained = str(pretrained)
         self.proxy = self.pretrained in PROXY_MODELS
-        self._model, self.processor, _ = load_model(self.pretrained, DTYPES[dtype], self._device)
+        from vlprune.precision import auto_dtype
+
+        torch_dtype, why = auto_dtype(dtype, self._device)
+        logger.info(f"vlprune model: dtype {str(torch_dtype).replace('torch.', '')} ({why})")
+        self._model, self.processor, _ = load_model(self.pretrained, torch_dtype, self._device)
         self._model.eval()
         self.tokenizer = self.processor.tokenizer
         self.max_new_tokens = max_new_tokens or (2 if self.proxy else 16)
