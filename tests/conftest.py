@@ -70,28 +70,40 @@ def inputs_for(host, processor, n=1, padding_side="left", sizes=None):
     return tiny_inputs(processor, images, prompts, padding_side=padding_side)
 
 
-def _mask_layers(model, layer_mask, from_layer):
-    """Pre-hooks that substitute layer_mask(L) as the attention mask of decoder layers >= from_layer."""
+def renumbered(model, hs, present):
+    """(position_ids, (cos, sin)) when the tokens marked ``present`` (B, L) are numbered 0, 1, ... without gaps (a
+    token that is not present takes its predecessor's number; it must be masked as a key)."""
+    pos = (present.long().cumsum(1) - 1).clamp(min=0)
+    return pos, model.model.language_model.rotary_emb(hs, pos)
+
+
+def _mask_layers(model, layer_mask, from_layer, layer_present=None):
+    """Pre-hooks that substitute layer_mask(L) as the attention mask of decoder layers >= from_layer and, with
+    layer_present(L) -> (B, L) bool, number the present tokens 0.. without gaps there (``renumbered``)."""
     if layer_mask is None:
         return []
 
     def pre(mod, args, kwargs):
         kwargs["attention_mask"] = layer_mask(args[0].shape[1])
+        if layer_present is not None:
+            kwargs["position_ids"], kwargs["position_embeddings"] = renumbered(
+                model, args[0], layer_present(args[0].shape[1]))
         return args, kwargs
 
     layers = model.model.language_model.layers
     return [l.register_forward_pre_hook(pre, with_kwargs=True) for i, l in enumerate(layers) if i >= from_layer]
 
 
-def greedy_reference(model, inputs, n_new, layer_mask=None, from_layer=0):
+def greedy_reference(model, inputs, n_new, layer_mask=None, from_layer=0, layer_present=None):
     """Greedy decoding without a KV cache: every step runs the whole sequence again.
 
-    layer_mask(L) -> (B, 1, L, L) bool mask (True = attend) substituted in decoder layers >= from_layer.
+    layer_mask(L) -> (B, 1, L, L) bool mask (True = attend) substituted in decoder layers >= from_layer;
+    layer_present(L) -> (B, L) bool: there, the present tokens are renumbered 0.. without gaps.
     """
     ids = inputs["input_ids"]
     am = inputs.get("attention_mask", torch.ones_like(ids))
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    handles = _mask_layers(model, layer_mask, from_layer)
+    handles = _mask_layers(model, layer_mask, from_layer, layer_present)
     out, logits = [], []
     try:
         with torch.no_grad():
@@ -124,12 +136,13 @@ def drop_mask(am2d_fn, dropped: list[torch.Tensor]):
     return build
 
 
-def embeds_reference(model, embeds, am, n_new, layer_mask=None, from_layer=0):
+def embeds_reference(model, embeds, am, n_new, layer_mask=None, from_layer=0, layer_present=None):
     """Greedy decoding without a KV cache from hand-built input embeddings (padding-aware contiguous positions).
 
-    layer_mask(L) -> (B, 1, L, L) bool mask substituted in decoder layers >= from_layer."""
+    layer_mask(L) -> (B, 1, L, L) bool mask substituted in decoder layers >= from_layer; layer_present as in
+    ``greedy_reference``."""
     emb_layer = model.get_input_embeddings()
-    handles = _mask_layers(model, layer_mask, from_layer)
+    handles = _mask_layers(model, layer_mask, from_layer, layer_present)
     out = []
     try:
         with torch.no_grad():

@@ -183,3 +183,36 @@ def test_pool_after_a_selection_explains_the_order(hosts):
         with pytest.raises(ValueError, match="put pool first"):
             with torch.no_grad():
                 model(**inputs_for("llava", proc))
+
+
+@pytest.mark.parametrize("name", ["cls_attn", "globalcom2", "hired", "todre"])  # the selections that read the ViT
+def test_select_needs_nothing_from_other_hooks(hosts, name):
+    """``select`` reads what it needs from its image (ViT depth, the host's feature layer): a fresh method, never asked
+    for its vision layers, selects exactly as one that was."""
+    from vlprune.adapters import find_adapter
+    from vlprune.methods.base import ImageTokens
+
+    model, _ = hosts["llava_next"]
+    lay = find_adapter(model).layouts(1, torch.tensor([[672, 672]]))[0]
+    g = torch.Generator().manual_seed(0)
+    logits = {l: torch.randn(lay.n_crops, 2, 577, generator=g) for l in range(4)}
+    img = ImageTokens(features=torch.randn(lay.n, 8, generator=g), layout=lay, sample=0, index=0,
+                      _vision=lambda layer: logits[layer], n_vision_layers=4, feature_layer=2)
+    kw = dict(contract_kwargs(name, "llava_next"), keep_ratio=0.2)
+    fresh = vlprune.get_method(name, **kw)
+    asked = vlprune.get_method(name, **kw)
+    asked.vision_layers(4, 2)
+    a, b = fresh.select(img), asked.select(img)
+    assert torch.equal(a.keep, b.keep) and a.keep.numel() < lay.n
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n != "mqt"])
+def test_one_position_policy_check(name):
+    """Every method that drops tokens names its RoPE policy ``rope_positions`` and refuses a bad one the same way."""
+    import dataclasses
+
+    cls = type(vlprune.get_method(name, **contract_kwargs(name, "llava"), keep=40))
+    assert "rope_positions" in {f.name for f in dataclasses.fields(cls)}
+    with pytest.raises(ValueError, match=rf"^{name}: rope_positions must be one of \('original', 'contiguous'\); "
+                                         rf"got 'shifted'$"):
+        vlprune.get_method(name, **contract_kwargs(name, "llava"), keep=40, rope_positions="shifted")

@@ -176,11 +176,14 @@ def test_right_padding_forward_matches_batch_of_one(hosts, host, name):
 
 
 @pytest.mark.parametrize("host", HOSTS)
-@pytest.mark.parametrize("name", ["fastv", "random"])
+@pytest.mark.parametrize("name", ["fastv", "fastv-contiguous", "random"])
 def test_second_turn_reuses_pruned_cache(hosts, host, name):
+    """fastv-contiguous: a later turn continues each layer's renumbered prefill."""
     model, proc = hosts[host]
     inputs = inputs_for(host, proc)
-    kw = {"k": 2, "keep": 40} if name == "fastv" else {"keep": 40}
+    kw = {"k": 2, "keep": 40} if name.startswith("fastv") else {"keep": 40}
+    if name == "fastv-contiguous":
+        name, kw["rope_positions"] = "fastv", "contiguous"
     tok = proc.tokenizer
     with vlprune.pruned(model, name, **kw):
         _, out1 = _generate(model, inputs, n=5, return_dict_in_generate=True)
@@ -199,8 +202,15 @@ def test_second_turn_reuses_pruned_cache(hosts, host, name):
     if name == "fastv":
         dropped = _dropped_visual(model, inputs, st["kept_positions"])
         images = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes")}
+
+        def present(L):
+            p = torch.ones(1, L, dtype=torch.bool)
+            p[0, dropped[0]] = False
+            return p
+
         ref, _ = greedy_reference(model, {"input_ids": ids2, "attention_mask": am2, **images}, 6,
-                                  drop_mask(lambda L: torch.ones(1, L), dropped), from_layer=2)
+                                  drop_mask(lambda L: torch.ones(1, L), dropped), from_layer=2,
+                                  layer_present=present if kw.get("rope_positions") == "contiguous" else None)
     else:
         emb = merged_embeddings(model, inputs)[0]
         img = (inputs["input_ids"][0] == model.config.image_token_id)

@@ -100,7 +100,8 @@ def _constructed(hw, logits_by_layer, n_heads=2):
     def vision(layer):
         return logits_by_layer[layer][:, None, :].expand(-1, n_heads, -1)
 
-    return ImageTokens(features=feats, layout=lay, sample=0, index=0, _vision=vision), lay
+    return ImageTokens(features=feats, layout=lay, sample=0, index=0, _vision=vision, n_vision_layers=4,
+                       feature_layer=2), lay
 
 
 def _counts(lay, keep):

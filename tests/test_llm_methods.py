@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vlprune
-from conftest import HOSTS, build_host, drop_mask, greedy_reference, inputs_for
+from conftest import HOSTS, build_host, drop_mask, greedy_reference, inputs_for, renumbered
 from test_generate import _generate
 from vlprune.methods.base import LayerContext, Method, Stage
 from vlprune.methods.todre import ToDRE, greedy_k_center, greedy_max_sum, modal_shares
@@ -148,6 +148,22 @@ def test_transprune_first_stage_against_eager_reference(hosts, host, use_iga):
     assert torch.equal(st["visual_positions"][first][0], want)
 
 
+def test_text_rows_after_the_first_visual_token_by_hand():
+    """The instruction rows TransPrune, ToDRE and MustDrop read: non-visual, valid tokens after the first visual one."""
+    from vlprune.methods.base import padded_rows
+
+    # sample 0: [sys, v, v, t, t]; sample 1: [pad, sys, v, t, pad]; sample 2: no visual token
+    visual = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    valid = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    ctx = LayerContext(layer=1, n_layers=2, hidden=torch.zeros(3, 5, 1), visual=visual, valid=valid,
+                       last=torch.tensor([4, 3, 4]), attention_rows=None)
+    text = ctx.text_after_image()
+    assert text.tolist() == [[False, False, False, True, True], [False, False, False, True, False], [False] * 5]
+    rows, real = ctx.text_rows()
+    assert rows.tolist() == [[3, 4], [3, 3], [0, 0]] and real.tolist() == [[True, True], [True, False], [False, False]]
+    assert torch.equal(padded_rows(text)[0], rows)
+
+
 # --------------------------------------------------------------------------------------------- greedy diversity
 def _cos(x):
     xn = x / x.norm(dim=-1, keepdim=True)
@@ -261,32 +277,48 @@ def test_todre_stage1_pivot_and_selection(hosts):
 
 # --------------------------------------------------------------------------------------------- generate, batches
 def _stage_masks(model, inputs, st):
-    """Per pruning layer: a no-cache mask that hides the visual tokens dropped before that layer."""
+    """Per pruning layer: a no-cache mask that hides the visual tokens dropped before that layer, and the (B, L)
+    tokens still present there (padding and dropped tokens excluded)."""
     am = inputs["attention_mask"]
     img = inputs["input_ids"] == model.config.image_token_id
     stages = sorted(k for k in st["visual_positions"] if k > 0)
+
+    def full(L):
+        return torch.cat([am, torch.ones(am.shape[0], L - am.shape[1], dtype=am.dtype)], 1).bool()
+
     out = []
     for layer in stages:
         dropped = []
         for b in range(img.shape[0]):
             vis = img[b].nonzero().squeeze(1)
             dropped.append(vis[~torch.isin(vis, st["visual_positions"][layer][b])])
-        out.append((layer, drop_mask(lambda L: torch.cat([am, torch.ones(am.shape[0], L - am.shape[1],
-                                                                          dtype=am.dtype)], 1), dropped)))
+
+        def present(L, dropped=dropped):
+            p = full(L)
+            for b, d in enumerate(dropped):
+                p[b, d] = False
+            return p
+
+        out.append((layer, drop_mask(full, dropped), present))
     return out
 
 
-def _staged_reference(model, inputs, st, n_new):
+def _staged_reference(model, inputs, st, n_new, renumber=False):
+    """No-cache reference: from each pruning layer on, the dropped visual tokens are masked and, with ``renumber``,
+    the tokens still present are numbered 0.. without gaps (the "contiguous" policy)."""
     stages = _stage_masks(model, inputs, st)
     layers = model.model.language_model.layers
 
     def pre(mod, args, kwargs, i):
         build = None
-        for layer, b in stages:
+        for layer, b, present in stages:
             if i >= layer:
-                build = b
+                build = (b, present)
         if build is not None:
-            kwargs["attention_mask"] = build(args[0].shape[1])
+            kwargs["attention_mask"] = build[0](args[0].shape[1])
+            if renumber:
+                kwargs["position_ids"], kwargs["position_embeddings"] = renumbered(
+                    model, args[0], build[1](args[0].shape[1]))
         return args, kwargs
 
     hs = [l.register_forward_pre_hook(lambda m, a, k, i=i: pre(m, a, k, i), with_kwargs=True)
@@ -299,18 +331,68 @@ def _staged_reference(model, inputs, st, n_new):
 
 
 @pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("positions", ["contiguous", "original"])
 @pytest.mark.parametrize("spec", [("transprune", {}), ("transprune", {"keep": 40, "abs_cos": True}),
-                                  ("todre", {"stage1": False, "tau": 1.0})])
-def test_in_llm_generate_matches_masked_no_cache_reference(hosts, host, spec):
+                                  ("todre", {"stage1": False, "tau": 1.0}), ("fastv", {"k": 2, "keep": 40})])
+def test_in_llm_generate_matches_masked_no_cache_reference(hosts, host, spec, positions):
+    """Both RoPE policies: "contiguous" renumbers the shortened sequence at every pruning layer (prefill and the
+    decode steps' positions continue that numbering), "original" keeps the prompt's positions."""
     name, kw = spec
     model, proc = hosts[host]
     inputs = inputs_for(host, proc)
-    with vlprune.pruned(model, name, **kw):
+    with vlprune.pruned(model, name, rope_positions=positions, **kw):
         toks, _ = _generate(model, inputs, n=N_NEW)
         st = vlprune.stats(model)
     assert len([k for k in st["visual_positions"] if k > 0]) >= 1
-    ref = _staged_reference(model, inputs, st, N_NEW)
+    ref = _staged_reference(model, inputs, st, N_NEW, renumber=positions == "contiguous")
     assert torch.equal(toks, ref)
+    if name == "transprune" and not kw:  # the policy matters: the other numbering gives other tokens
+        other = _staged_reference(model, inputs, st, N_NEW, renumber=positions != "contiguous")
+        assert not torch.equal(toks, other)
+
+
+def test_in_llm_rope_position_defaults_follow_the_official_codes():
+    """TransPrune and MustDrop renumber after each prune (their released codes); FastV keeps the original positions
+    (its code sets position_ids to the kept indices); ToDRE (no code) renumbers like its pre-LLM stage."""
+    from vlprune.methods.mustdrop import MustDrop
+
+    assert TransPrune().positions == "contiguous"
+    assert vlprune.get_method("fastv").positions == "original"
+    assert ToDRE().positions == ToDRE(stage1=False).positions == "contiguous"
+    for policy in ("contiguous", "original"):  # the merge (before the decoder) and the filter (inside it)
+        md = MustDrop(rope_positions=policy) if policy == "original" else MustDrop()
+        assert [p.positions for p in md.methods if p.name != "mustdrop_kv"] == [policy, policy]
+    for name in ("transprune", "fastv", "todre", "mustdrop"):
+        with pytest.raises(ValueError, match="rope_positions must be one of"):
+            vlprune.get_method(name, rope_positions="shifted")
+
+
+def test_contiguous_prefill_positions_are_renumbered(hosts):
+    """What each decoder layer receives under "contiguous": position ids 0..L'-1 after every prune (one sample, no
+    padding), and a decode step at L'_layer + t."""
+    model, proc = hosts["llava"]
+    inputs = inputs_for("llava", proc)
+    seen = {}
+    layers = model.model.language_model.layers
+
+    def rec(mod, args, kwargs, i):
+        seen.setdefault(i, []).append(kwargs["position_ids"].clone())
+
+    with vlprune.pruned(model, "transprune", keep=40):
+        hs = [l.register_forward_pre_hook(lambda m, a, k, i=i: rec(m, a, k, i), with_kwargs=True)
+              for i, l in enumerate(layers)]
+        try:
+            _generate(model, inputs, n=3)
+        finally:
+            for h in hs:
+                h.remove()
+        st = vlprune.stats(model)
+    n = inputs["input_ids"].shape[1]
+    for i in range(len(layers)):
+        L = st["tokens_per_layer"][0][i]
+        assert torch.equal(seen[i][0][0], torch.arange(L)), i  # prefill
+        assert [int(p[0, -1]) for p in seen[i][1:]] == [L, L + 1], i  # decode steps continue from L
+    assert st["tokens_per_layer"][0][-1] < n
 
 
 @pytest.mark.parametrize("host", HOSTS)
@@ -336,12 +418,20 @@ def test_todre_both_stages_generate_matches_reference(hosts, host):
     E, A = emb[keep][None], torch.ones(1, keep.numel(), dtype=torch.long)
     vis_new = torch.isin(keep, kept).nonzero().squeeze(1)
     mask = drop_mask(lambda L: torch.ones(1, L, dtype=torch.long), [vis_new])
-    ref = embeds_reference(model, E, A, N_NEW, layer_mask=mask, from_layer=3)
+
+    def present(L):  # stage 2 renumbers the text that follows the removed visual tokens (the default policy)
+        p = torch.ones(1, L, dtype=torch.bool)
+        p[0, vis_new] = False
+        return p
+
+    ref = embeds_reference(model, E, A, N_NEW, layer_mask=mask, from_layer=3, layer_present=present)
     assert torch.equal(toks, ref)
 
 
 @pytest.mark.parametrize("host", HOSTS)
-@pytest.mark.parametrize("spec", [("transprune", {}), ("todre", {"keep_ratio": 0.1, "tau": 0.5})])
+@pytest.mark.parametrize("spec", [("transprune", {}), ("todre", {"keep_ratio": 0.1, "tau": 0.5}),
+                                  ("transprune", {"rope_positions": "original"}),
+                                  ("fastv", {"keep": 40, "rope_positions": "contiguous"})])
 def test_batch_matches_batch_of_one(hosts, host, spec):
     name, kw = spec
     model, proc = hosts[host]

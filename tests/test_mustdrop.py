@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vlprune
-from conftest import HOSTS, greedy_reference, inputs_for
+from conftest import HOSTS, greedy_reference, inputs_for, renumbered
 from test_generate import _generate
 from vlprune.methods.base import CacheContext, LayerContext
 from vlprune.methods.mustdrop import (PRESETS, MustDropFilter, OutputAwareCache, dual_threshold_keep,
@@ -184,9 +184,11 @@ def test_key_set_is_top_8_percent_and_survives(hosts, host):
     assert final < n
 
 
-def _decode_policy_reference(model, inputs, st, n_new):
+def _decode_policy_reference(model, inputs, st, n_new, renumber=False):
     """No-cache reference of prefill stages + the KV cut: prompt rows of layer l see the visual tokens that entered
-    layer l in prefill; decode rows of layers >= from_layer see only the final survivors."""
+    layer l in prefill; decode rows of layers >= from_layer see only the final survivors. With ``renumber`` (the
+    "contiguous" policy) layer l numbers the tokens that entered it in prefill 0.. without gaps, decode rows after
+    them (the cut does not renumber)."""
     ids = inputs["input_ids"]
     am = inputs["attention_mask"]
     p_len = ids.shape[1]
@@ -209,8 +211,13 @@ def _decode_policy_reference(model, inputs, st, n_new):
         m[:p_len, hide_prompt] = False
         hide_decode = vis_all[~torch.isin(vis_all, final)] if i >= cut_from else hide_prompt
         m[p_len:, hide_decode] = False
-        m &= torch.cat([am[0], torch.ones(L - p_len, dtype=am.dtype)]).bool()[None]
+        valid = torch.cat([am[0], torch.ones(L - p_len, dtype=am.dtype)]).bool()
+        m &= valid[None]
         kwargs["attention_mask"] = m[None, None]
+        if renumber:
+            present = valid.clone()
+            present[hide_prompt] = False
+            kwargs["position_ids"], kwargs["position_embeddings"] = renumbered(model, args[0], present[None])
         return args, kwargs
 
     hs = [l.register_forward_pre_hook(lambda mod, a, k, i=i: pre(mod, a, k, i), with_kwargs=True)
@@ -223,7 +230,7 @@ def _decode_policy_reference(model, inputs, st, n_new):
 
 
 @pytest.mark.parametrize("host", HOSTS)
-@pytest.mark.parametrize("kw", [{"preset": 192}, {"keep": 48}])
+@pytest.mark.parametrize("kw", [{"preset": 192}, {"keep": 48}, {"keep": 48, "rope_positions": "original"}])
 def test_generate_with_the_decode_policy_matches_no_cache_reference(hosts, host, kw):
     model, proc = hosts[host]
     inputs = inputs_for(host, proc)
@@ -233,7 +240,7 @@ def test_generate_with_the_decode_policy_matches_no_cache_reference(hosts, host,
     assert st["evicted"], "the decode stage cut nothing"
     if "keep" in kw:
         assert st["kept_positions"][0].numel() == kw["keep"]
-    ref = _decode_policy_reference(model, inputs, st, N_NEW)
+    ref = _decode_policy_reference(model, inputs, st, N_NEW, renumber=kw.get("rope_positions") != "original")
     assert torch.equal(toks, ref)
 
 

@@ -123,6 +123,8 @@ class SeqState:
     captures: dict = field(default_factory=dict)  # layer -> {"q":..., "k":..., "cos":..., "sin":..., "valid":...}
     observed: dict = field(default_factory=dict)  # (part, layer, module) -> (B, T) values a method's observe kept
     protected: Any = None  # (B, T) bool: tokens a PRE_LLM stage protected from later drops, or None
+    shift: Any = None  # (B,) tokens renumbered away inside the decoder so far ("contiguous" prunes), or None
+    shifts: list = field(default_factory=list)  # per decoder layer: ``shift`` as that layer saw it
 
     def advance(self, sel: Selection) -> None:
         self.original = torch.where(sel.idx >= 0, sel.apply(self.original), torch.full_like(sel.idx, -1))
@@ -149,6 +151,9 @@ class CacheRecord:
     delta: torch.Tensor  # (B,) positions subtracted per sample under the "contiguous" RoPE policy (tokens dropped)
     layer0_pruned: bool
     positions: str
+    # per decoder layer: (B,) positions its prefill renumbered away inside the decoder, subtracted from the positions
+    # of every later call at that layer (on top of ``delta``), or None where that layer kept the decoder input's
+    layer_delta: list = field(default_factory=list)
 
     def columns(self, layer: int, am2d: torch.Tensor | None, q: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(original (B, L_l + q), key validity (B, L_l + q)) of layer l's keys in the coming call."""

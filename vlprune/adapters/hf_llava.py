@@ -40,6 +40,7 @@ from ..methods.base import (
     LayerContext,
     Partition,
     Stage,
+    check_positions,
 )
 from ..ops import attention_rows as _attention_rows
 from ..ops import cls_logits_from_qk, merge_batch, repeat_kv
@@ -266,8 +267,8 @@ class HFLlavaAdapter:
         self.pre_parts = [p for p in parts if Stage.PRE_LLM in p.stages or Stage.PROJECTOR in p.stages]
         self.kv_parts = [p for p in parts if Stage.KV_CACHE in p.stages]
         self.positions = method.positions
-        if self.positions not in ("original", "contiguous"):
-            raise ValueError(f"rope positions must be 'original' or 'contiguous'; got {self.positions!r}")
+        for p in parts:
+            check_positions(p.name, p.positions)
 
         h = state.handles
         # projector swap (PROJECTOR stage)
@@ -590,15 +591,8 @@ class HFLlavaAdapter:
         kept_pos = sel.apply(pos)
         if self.positions == "contiguous":
             # renumber without gaps: each kept token moves down by the prompt tokens dropped before it
-            # padding slots (-1) write to a spare column t, never over a real position
-            kept_flag = torch.zeros(b, t + 1, dtype=torch.bool, device=emb.device)
-            slot = sel.idx >= 0
-            kept_flag.scatter_(1, torch.where(slot, sel.idx, t), slot)
-            kept_flag = kept_flag[:, :t]
-            dropped = valid & ~kept_flag
-            before = torch.cumsum(dropped.long(), 1)
-            kept_pos = kept_pos - sel.apply(before)
-            call["delta"] = dropped.sum(1)  # (B,)
+            kept_pos = kept_pos - _dropped_before(sel, valid)
+            call["delta"] = valid.sum(1) - sel.valid.sum(1)  # (B,)
         kwargs["position_ids"] = torch.where(sel.idx >= 0, kept_pos, torch.zeros_like(kept_pos))
         return (), kwargs
 
@@ -661,6 +655,7 @@ class HFLlavaAdapter:
                     merge_score = torch.full((lay.n,), float("nan"))
                     merge_score[ok] = scores[crops, slot]
                 out.append((ImageTokens(features=emb[s, span], layout=lay, sample=s, index=img_i,
+                                        n_vision_layers=self.info.n_vision_layers, feature_layer=self.feature_layer,
                                         _vision=vision if state.vision_logits else None,
                                         _vision_merge=vision_merge, merge_score=merge_score), span, co))
                 img_i += 1
@@ -668,7 +663,7 @@ class HFLlavaAdapter:
 
     def _continue(self, state, rec, call, kwargs, q):
         """A call on a pruned cache (decode step or a later turn): per-layer masks and positions."""
-        call.update(mode="continue", record=rec)
+        call.update(mode="continue", record=rec, positions={})
         am = kwargs.get("attention_mask")
         if am is not None and am.dim() != 2:
             raise ValueError(f"vlprune needs a 2-D attention_mask when continuing a pruned cache; got {tuple(am.shape)}")
@@ -714,6 +709,13 @@ class HFLlavaAdapter:
             hs = args[0]
             if call["mode"] == "continue":
                 kwargs["attention_mask"] = call["masks"][i]
+                shift = call["record"].layer_delta[i] if call["record"].layer_delta else None
+                if shift is not None:  # this layer's prefill was renumbered: continue its numbering
+                    key = id(shift)
+                    if key not in call["positions"]:
+                        pos = kwargs["position_ids"] - shift.to(hs.device)[:, None]
+                        call["positions"][key] = (pos, self._rotary(hs, pos))
+                    kwargs["position_ids"], kwargs["position_embeddings"] = call["positions"][key]
                 self._note_lengths(call, i, hs.shape[1], kwargs)
                 return None
             seq = state.seq
@@ -745,11 +747,24 @@ class HFLlavaAdapter:
                 if not dropped:
                     continue
                 sel = Selection.from_lists(lists, seq.valid, left=call["left"])
-                hs = sel.apply(hs)
-                cos, sin = kwargs["position_embeddings"] if not seq.substitute else seq.position_embeddings
-                seq.position_embeddings = (sel.apply(cos), sel.apply(sin))
                 pos = kwargs.get("position_ids") if not seq.substitute else seq.position_ids
-                seq.position_ids = None if pos is None else sel.apply(pos)
+                if p.positions == "contiguous":
+                    # renumber without gaps: each kept token moves down by the tokens dropped before it here, and
+                    # later calls on the cache continue this layer's numbering (CacheRecord.layer_delta)
+                    if pos is None:
+                        pos = torch.arange(hs.shape[1], device=hs.device)[None]
+                    pos = torch.where(sel.idx >= 0, sel.apply(pos) - _dropped_before(sel, seq.valid),
+                                      torch.zeros_like(sel.idx))
+                    shift = (seq.valid.sum(1) - sel.valid.sum(1)).to(hs.device)
+                    seq.shift = shift if seq.shift is None else seq.shift + shift
+                    hs = sel.apply(hs)
+                    seq.position_embeddings = self._rotary(hs, pos)
+                    seq.position_ids = pos
+                else:
+                    hs = sel.apply(hs)
+                    cos, sin = kwargs["position_embeddings"] if not seq.substitute else seq.position_embeddings
+                    seq.position_embeddings = (sel.apply(cos), sel.apply(sin))
+                    seq.position_ids = None if pos is None else sel.apply(pos)
                 mask = kwargs.get("attention_mask") if not seq.substitute else seq.attention_mask
                 if mask is None and sel.padded:
                     seq.attention_mask = causal_mask(sel.valid, hs.shape[1], torch.bool)
@@ -762,6 +777,7 @@ class HFLlavaAdapter:
                 kwargs["position_ids"] = seq.position_ids
                 kwargs["attention_mask"] = seq.attention_mask
             seq.per_layer.append((seq.original, seq.valid, seq.visual))
+            seq.shifts.append(seq.shift)
             if i in self.score_at:
                 cos, sin = kwargs["position_embeddings"]
                 seq.captures[i] = {"cos": cos, "sin": sin, "valid": seq.valid}
@@ -769,6 +785,10 @@ class HFLlavaAdapter:
             return (hs,) + tuple(args[1:]), kwargs
 
         return hook
+
+    def _rotary(self, hs, position_ids):
+        """The decoder's own (cos, sin) for ``position_ids`` (B|1, T)."""
+        return self.text.rotary_emb(hs, position_ids=position_ids)
 
     def _note_lengths(self, call, i, q, kwargs):
         cache = _cache_of(kwargs)
@@ -889,7 +909,8 @@ class HFLlavaAdapter:
             delta = call.get("delta", torch.zeros(call["batch"], dtype=torch.long))
             rec = CacheRecord(cache=weakref.ref(cache), prompt_len=call["prompt_len"], covered=call["prompt_len"],
                               prefix=prefix, delta=delta,
-                              layer0_pruned=call["changed_pre"], positions=self.positions)
+                              layer0_pruned=call["changed_pre"], positions=self.positions,
+                              layer_delta=list(seq.shifts))
             self._evict(state, rec, cache)
             if rec.layer0_pruned:
                 _report_original_length(cache, rec)
@@ -945,6 +966,16 @@ def _cache_of(mapping):
     """The cache from call kwargs or a model output (``cache`` in transformers >= 5.2, ``past_key_values`` before)."""
     cache = mapping.get("cache")
     return mapping.get("past_key_values") if cache is None and "past_key_values" in mapping else cache
+
+
+def _dropped_before(sel: Selection, valid: torch.Tensor) -> torch.Tensor:
+    """(B, K): for each slot of ``sel``, the valid tokens of the (B, T) sequence that ``sel`` drops before it."""
+    b, t = valid.shape
+    kept = torch.zeros(b, t + 1, dtype=torch.bool, device=valid.device)
+    slot = sel.idx >= 0
+    kept.scatter_(1, torch.where(slot, sel.idx, t), slot)  # padding slots (-1) write to a spare column t
+    before = torch.cumsum((valid & ~kept[:, :t]).long(), 1)
+    return sel.apply(before)
 
 
 def _last_valid(valid: torch.Tensor) -> torch.Tensor:

@@ -334,8 +334,8 @@ class _TowerAdapter:
             plan = vm["plans"][b]
             slot = plan.assign.cpu()[layout.vit_index]
             merge_score = plan.score.cpu()[slot].float()
-        return ImageTokens(features=feats, layout=layout, sample=b, index=b,
-                           _vision=vision if state.vision_logits else None,
+        return ImageTokens(features=feats, layout=layout, sample=b, index=b, n_vision_layers=nv,
+                           feature_layer=self.feature_layer, _vision=vision if state.vision_logits else None,
                            _vision_merge=vision_merge, merge_score=merge_score)
 
     def _dedup(self, plan: MergePlan, n: int):

@@ -35,6 +35,16 @@ class Stage(str, Enum):
 
 TOKEN_PATCH, TOKEN_NEWLINE, TOKEN_CLS = 0, 1, 2
 
+# RoPE position policies: "original" keeps each kept token's position in the unpruned prompt; "contiguous" renumbers
+# the shortened sequence without gaps (0..T'-1) wherever tokens are dropped, before the decoder or inside it.
+POSITIONS = ("original", "contiguous")
+
+
+def check_positions(name: str, value: str) -> None:
+    """Raise ValueError unless ``value`` is a RoPE position policy (``POSITIONS``); ``name`` is the method's."""
+    if value not in POSITIONS:
+        raise ValueError(f"{name}: rope_positions must be one of {POSITIONS}; got {value!r}")
+
 
 @dataclass
 class Partition:
@@ -117,13 +127,16 @@ class ImageTokens:
     sample: int  # batch row the image belongs to
     index: int  # image index over the whole batch
     _vision: Callable[[int], torch.Tensor] | None = None  # layer -> (n_crops, H, S_l) CLS logits of this image's crops
-    _vision_layers: int = 0
+    n_vision_layers: int = 0  # layers of the vision tower (0: unknown; negative layer indices are then passed as given)
+    feature_layer: int | None = None  # 0-based ViT layer whose output the host feeds the projector
     # layer -> None, or (assign (n_crops, S) slot in that layer's sequence of each original ViT token, valid
     # (n_crops, S_l) real slots) when a VISION merge shortened the sequence before that layer
     _vision_merge: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None] | None = None
     merge_score: torch.Tensor | None = None  # (N,) after a VISION merge: window similarity of merged tokens, else NaN
 
     def _vision_raw(self, layer: int):
+        if self.n_vision_layers:
+            layer = layer % self.n_vision_layers  # 0-based, whatever the sign
         raw = self._vision(layer)  # (n_crops, H, S_l)
         merge = self._vision_merge(layer) if self._vision_merge is not None else None
         return raw, merge
@@ -139,6 +152,15 @@ class ImageTokens:
     @property
     def n(self) -> int:
         return int(self.features.shape[0])
+
+    def vision_layer(self, layer: int | None) -> int:
+        """A ViT layer as a method names it -> 0-based: None is the host's feature layer, negative counts from the
+        end."""
+        if layer is None:
+            if self.feature_layer is None:
+                raise RuntimeError("the adapter gave this image no feature_layer; name the ViT layer explicitly")
+            return self.feature_layer
+        return layer % self.n_vision_layers if self.n_vision_layers else layer
 
     def cls_logits(self, layer: int) -> torch.Tensor:
         """Pre-softmax CLS->token attention logits of ViT layer ``layer`` (0-based, negative counts from the end),
@@ -236,6 +258,34 @@ class LayerContext:
     visual_at_start: torch.Tensor | None = None
     report: Callable[[str, object], None] | None = None
 
+    def text_after_image(self) -> torch.Tensor:
+        """(B, T) bool: the prompt's non-visual tokens after each sample's first visual token (the instruction:
+        question and answer prefix; the system prompt before the image is not part of it), padding excluded."""
+        b, t = self.visual.shape
+        idx = torch.arange(t, device=self.visual.device)
+        first = torch.where(self.visual.any(1), self.visual.float().argmax(1), torch.full((b,), t, device=idx.device))
+        return self.valid & ~self.visual & (idx[None] > first[:, None])
+
+    def text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``text_after_image`` as query rows for ``attention_rows`` / ``entering_rows``: ``padded_rows`` of it."""
+        return padded_rows(self.text_after_image())
+
+
+def padded_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) bool -> rows (B, R) the True indices of each sample, padded by repeating its last one (0 where it has
+    none), and real (B, R) bool, False on the padding. R = max(1, most True in a sample)."""
+    b = mask.shape[0]
+    r = max(1, int(mask.sum(1).max())) if b else 1
+    rows = torch.zeros(b, r, dtype=torch.long, device=mask.device)
+    real = torch.zeros(b, r, dtype=torch.bool, device=mask.device)
+    for i in range(b):
+        idx = mask[i].nonzero().squeeze(1)
+        if idx.numel():
+            rows[i, : idx.numel()] = idx
+            rows[i, idx.numel():] = idx[-1]
+            real[i, : idx.numel()] = True
+    return rows, real
+
 
 @dataclass
 class CacheContext:
@@ -258,8 +308,11 @@ class Method:
     Subclasses set ``name`` and ``stages`` and override the hooks of the stages they use:
     VISION: ``vision_layers``; PRE_LLM: ``select``; LLM_LAYER: ``prune_layers``, ``score_layers``, ``prune``;
     KV_CACHE: ``evict``; PROJECTOR: ``build_projector`` (with ``select`` to keep the m emitted tokens).
-    ``positions`` is the RoPE policy of tokens kept before the decoder: "original" keeps each kept token's position
-    in the unpruned prompt, "contiguous" renumbers the shortened prompt 0..T'-1 (as LLaVA-codebase pre-LLM methods do).
+    ``positions`` is the method's RoPE policy (``POSITIONS``; a method's ``rope_positions`` field where it has one):
+    "original" keeps each kept token's position in the unpruned prompt; "contiguous" renumbers the shortened sequence
+    without gaps (0..T'-1) after every drop, before the decoder (as LLaVA-codebase pre-LLM methods do) and at each
+    of the method's pruning layers inside it (as the official TransPrune and MustDrop codes do), decode steps
+    continuing each layer's numbering.
     """
 
     name: ClassVar[str] = ""

@@ -11,14 +11,8 @@ import torch
 from ..budget import Budget
 from ..ops import pool_grid, pooled_grid_shape, topk_sorted
 from ..registry import register_method
-from .base import TOKEN_CLS, TOKEN_NEWLINE, BudgetMixin, HostInfo, ImageSelection, ImageTokens, LayerContext, Method, Stage
-
-_POSITIONS = ("original", "contiguous")
-
-
-def _check_positions(name: str, value: str) -> None:
-    if value not in _POSITIONS:
-        raise ValueError(f"{name}: rope_positions must be one of {_POSITIONS}; got {value!r}")
+from .base import (TOKEN_CLS, TOKEN_NEWLINE, BudgetMixin, HostInfo, ImageSelection, ImageTokens, LayerContext, Method,
+                   Stage, check_positions)
 
 
 @register_method
@@ -40,7 +34,7 @@ class RandomPrune(BudgetMixin, Method):
         self._init_budget()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"random: seed must be an integer; got {self.seed!r}")
-        _check_positions(self.name, self.rope_positions)
+        check_positions(self.name, self.rope_positions)
 
     def select(self, image: ImageTokens) -> ImageSelection | None:
         n = image.n
@@ -71,7 +65,7 @@ class SpatialPool(BudgetMixin, Method):
 
     def __post_init__(self):
         self._init_budget()
-        _check_positions(self.name, self.rope_positions)
+        check_positions(self.name, self.rope_positions)
 
     def select(self, image: ImageTokens) -> ImageSelection | None:
         n = image.n
@@ -127,7 +121,7 @@ class ClsAttention(BudgetMixin, Method):
         self._init_budget()
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
             raise ValueError(f"cls_attn: layer must be an integer ViT layer index or None; got {self.layer!r}")
-        _check_positions(self.name, self.rope_positions)
+        check_positions(self.name, self.rope_positions)
 
     def check(self, info: HostInfo) -> None:
         if self.layer is not None and not -info.n_vision_layers <= self.layer < info.n_vision_layers:
@@ -137,14 +131,13 @@ class ClsAttention(BudgetMixin, Method):
             )
 
     def vision_layers(self, n_vision_layers: int, feature_layer: int) -> list[int]:
-        self._layer = feature_layer if self.layer is None else self.layer
-        return [self._layer]
+        return [feature_layer if self.layer is None else self.layer]
 
     def select(self, image: ImageTokens) -> ImageSelection | None:
         k = self.budget.resolve(image.n)
         if k >= image.n:
             return None
-        scores = image.cls_attention(self._layer)
+        scores = image.cls_attention(image.vision_layer(self.layer))
         scores[image.layout.kind == TOKEN_NEWLINE] = float("nan")
         return ImageSelection(keep=topk_sorted(scores, k))
 
@@ -158,13 +151,16 @@ class FastV(BudgetMixin, Method):
 
     ``k`` is the 0-based index of the first layer that sees the pruned sequence (FastV's K=2). The budget counts
     visual tokens per sample (all images of a sample together). Kept tokens keep their original RoPE positions,
-    as in FastV's code. Scores come from layer K-1's own q/k, for the last row only (SDPA untouched).
+    as in FastV's code (``position_ids = keep_indexs``, the kept tokens' indices in the unpruned sequence);
+    ``rope_positions="contiguous"`` renumbers the shortened sequence from layer K on instead. Scores come from
+    layer K-1's own q/k, for the last row only (SDPA untouched).
     Shapes: attention (B, H, 1, T) -> scores (B, T) -> kept per sample (K,).
     """
 
     name = "fastv"
     stages = (Stage.LLM_LAYER,)
     k: int = 2
+    rope_positions: str = "original"
 
     def __post_init__(self):
         if self.keep is None and self.keep_ratio is None and self.budget is None:
@@ -172,14 +168,11 @@ class FastV(BudgetMixin, Method):
         self._init_budget()
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"fastv: k must be an integer decoder layer >= 1 (pruning before layer k); got k={self.k!r}")
+        check_positions(self.name, self.rope_positions)
 
     def check(self, info: HostInfo) -> None:
         if self.k >= info.n_layers:
             raise ValueError(f"fastv: k={self.k} must be below the decoder's {info.n_layers} layers")
-
-    @property
-    def positions(self) -> str:
-        return "original"
 
     def prune_layers(self, n_layers: int) -> list[int]:
         return [self.k]

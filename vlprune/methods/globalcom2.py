@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from ..budget import Budget
 from ..ops import topk_sorted
 from ..registry import register_method
-from .base import TOKEN_CLS, TOKEN_NEWLINE, TOKEN_PATCH, BudgetMixin, HostInfo, ImageSelection, ImageTokens, Method, Stage
+from .base import (TOKEN_CLS, TOKEN_NEWLINE, TOKEN_PATCH, BudgetMixin, HostInfo, ImageSelection, ImageTokens, Method,
+                   Stage, check_positions)
 
 ORDERS = ("raster", "score")
 NEWLINES = ("keep", "drop")
@@ -101,9 +102,7 @@ class GlobalCom2(BudgetMixin, Method):
             raise ValueError(f"globalcom2: thumbnail_order must be one of {ORDERS}; got {self.thumbnail_order!r}")
         if self.newlines not in NEWLINES:
             raise ValueError(f"globalcom2: newlines must be one of {NEWLINES}; got {self.newlines!r}")
-        if self.rope_positions not in ("original", "contiguous"):
-            raise ValueError(
-                f"globalcom2: rope_positions must be 'original' or 'contiguous'; got {self.rope_positions!r}")
+        check_positions(self.name, self.rope_positions)
 
     def check(self, info: HostInfo) -> None:
         nv = info.n_vision_layers
@@ -112,8 +111,7 @@ class GlobalCom2(BudgetMixin, Method):
                              f"(allowed {-nv}..{nv - 1})")
 
     def vision_layers(self, n_vision_layers: int, feature_layer: int) -> list[int]:
-        self._layer = self.layer % n_vision_layers
-        return [self._layer]
+        return [self.layer % n_vision_layers]
 
     def retention(self, n_patch: int) -> float:
         if self.budget.keep is not None:
@@ -131,7 +129,7 @@ class GlobalCom2(BudgetMixin, Method):
         if self.newlines == "keep":
             fixed.append((lay.kind == TOKEN_NEWLINE).nonzero().squeeze(1))
         r = self.retention(n_patch)
-        logits = image.cls_logits(self._layer).mean(0)  # (N,) head mean, NaN for newlines
+        logits = image.cls_logits(self.layer).mean(0)  # (N,) head mean, NaN for newlines
         per_part = base.grid[0] * base.grid[1]
         n_thumb = per_part if r >= 1.0 else int(math.floor(per_part * r + 1e-9))
         if self.budget.keep is not None and lay.tiles is None:

@@ -9,7 +9,8 @@ import torch
 from ..budget import Budget
 from ..ops import topk_sorted
 from ..registry import register_method
-from .base import TOKEN_CLS, TOKEN_NEWLINE, TOKEN_PATCH, BudgetMixin, HostInfo, ImageSelection, ImageTokens, Method, Stage
+from .base import (TOKEN_CLS, TOKEN_NEWLINE, TOKEN_PATCH, BudgetMixin, HostInfo, ImageSelection, ImageTokens, Method,
+                   Stage, check_positions)
 
 ALLOCATIONS = ("spatial", "raster_stripes")
 NEWLINES = ("keep", "drop")
@@ -129,8 +130,7 @@ class HiRED(BudgetMixin, Method):
             raise ValueError(f"hired: allocation must be one of {ALLOCATIONS}; got {self.allocation!r}")
         if self.newlines not in NEWLINES:
             raise ValueError(f"hired: newlines must be one of {NEWLINES}; got {self.newlines!r}")
-        if self.rope_positions not in ("original", "contiguous"):
-            raise ValueError(f"hired: rope_positions must be 'original' or 'contiguous'; got {self.rope_positions!r}")
+        check_positions(self.name, self.rope_positions)
 
     def check(self, info: HostInfo) -> None:
         nv = info.n_vision_layers
@@ -142,9 +142,7 @@ class HiRED(BudgetMixin, Method):
 
     def vision_layers(self, n_vision_layers: int, feature_layer: int) -> list[int]:
         sel = feature_layer if self.selection_layer is None else self.selection_layer
-        self._sel = sel % n_vision_layers
-        self._alloc = self.allocation_layer % n_vision_layers
-        return sorted({self._sel, self._alloc})
+        return sorted({sel % n_vision_layers, self.allocation_layer % n_vision_layers})
 
     def n_budget(self, n_partitions: int, per_partition: int) -> int:
         """N: ``keep`` as given, or floor(partitions * P * keep_ratio)."""
@@ -169,13 +167,13 @@ class HiRED(BudgetMixin, Method):
             if self.newlines == "keep":
                 return None
             return ImageSelection(keep=torch.cat(fixed + [patch.nonzero().squeeze(1)]).sort().values)
-        sel_scores = image.cls_attention(self._sel, reduce="sum")  # (N,)
+        sel_scores = image.cls_attention(image.vision_layer(self.selection_layer), reduce="sum")  # (N,)
         if lay.tiles is None:
             toks = patch.nonzero().squeeze(1)
             picks = [toks[topk_sorted(sel_scores[toks], n_budget)]]
         else:
             base_toks = base.tokens
-            attn0 = image.cls_attention(self._alloc, reduce="sum")[base_toks].reshape(base.grid)
+            attn0 = image.cls_attention(self.allocation_layer, reduce="sum")[base_toks].reshape(base.grid)
             scores = region_scores(attn0, lay.tiles, self.allocation, self.alpha)
             n_base, n_crop = allocate(n_budget, lay.n_crops - 1, per_part, self.alpha, scores)
             picks = [base_toks[topk_sorted(sel_scores[base_toks], n_base)]]

@@ -295,10 +295,9 @@ class MQT(Method):
                              "attach_mqt) or pass weights=<folder with mqt_projector.safetensors>")
         if self.keep > mqt.n_queries:
             check_m(self.keep, mqt.n_queries)
-        self._m = self.keep
         return MQTHost(mqt, self.keep, n_out)
 
     def select(self, image: ImageTokens) -> ImageSelection | None:
-        if self._m >= image.n:
+        if self.keep >= image.n:
             return None
-        return ImageSelection(keep=torch.arange(self._m))
+        return ImageSelection(keep=torch.arange(self.keep))

@@ -11,7 +11,7 @@ import torch
 from ..ops import topk_sorted, window_merge_plan
 from ..registry import register_method
 from .base import (TOKEN_PATCH, BudgetMixin, CacheContext, Compose, HostInfo, ImageSelection, ImageTokens,
-                   LayerContext, Method, Stage)
+                   LayerContext, Method, Stage, check_positions)
 
 # the released scripts' thresholds (global_thr, individual_thr) for LLaVA-1.5-7B at its 192/128/64-token settings
 PRESETS = {192: (0.001, 0.001), 128: (0.0012, 0.001), 64: (0.011, 0.01)}
@@ -58,6 +58,7 @@ class MustDropVision(Method):
     key_ratio: float = 0.08
     merge_after: int = 0
     order: str = "spatial"
+    rope_positions: str = "contiguous"  # merged-away tokens leave no gap (the official merged sequence is shorter)
 
     def merge_layer(self, n_vision_layers: int) -> int | None:
         return self.merge_after if self.merging else None
@@ -99,8 +100,9 @@ class MustDropFilter(BudgetMixin, Method):
     after the first visual one) to the visual keys, heads averaged — computed from the layer's q/k for those rows
     only, SDPA kept (the official code switches every layer from the first pruning layer on to a manual softmax
     attention) — a visual token is dropped from the next layer on iff g_j < global_thr * sum(g) and u_j <
-    individual_thr (``dual_threshold_keep``), unless it is in the key set. Kept tokens keep their positions (the
-    official code renumbers them). Thresholds: ``preset`` 192 / 128 / 64 (the released scripts' values), or
+    individual_thr (``dual_threshold_keep``), unless it is in the key set. ``rope_positions="contiguous"`` (default,
+    the official code's: it truncates ``position_ids`` to 0..L'-1 after each filter) renumbers the shortened
+    sequence; ``"original"`` keeps the kept tokens' positions. Thresholds: ``preset`` 192 / 128 / 64 (the released scripts' values), or
     ``global_thr`` / ``individual_thr`` given directly. ``keep=<tokens>`` asks for a token count instead: stage i
     of n targets N * (keep / N) ** (i / n) tokens (keep after the last one), the dual rule with both thresholds
     scaled by one factor (bisection) keeps at most the target, and top global scores fill up to it.
@@ -113,12 +115,14 @@ class MustDropFilter(BudgetMixin, Method):
     individual_thr: float | None = None
     layers: tuple = (2, 6, 10, 14)
     ref_depth: int = 32
+    rope_positions: str = "contiguous"
 
     def __post_init__(self):
         if self.keep is not None or self.keep_ratio is not None or self.budget is not None:
             self._init_budget()
         if self.global_thr is None and self.individual_thr is None and self.preset is not None:
             self.global_thr, self.individual_thr = PRESETS[self.preset]
+        check_positions(self.name, self.rope_positions)
 
     def _score_layers(self, n_layers):
         return scale_score_layers(self.layers, self.ref_depth, n_layers)
@@ -138,19 +142,8 @@ class MustDropFilter(BudgetMixin, Method):
     def prune(self, ctx: LayerContext):
         layers = self._score_layers(ctx.n_layers)
         stage = layers.index(ctx.layer - 1)
-        b, t = ctx.visual.shape
-        idx = torch.arange(t, device=ctx.visual.device)
-        first = torch.where(ctx.visual.any(1), ctx.visual.float().argmax(1), torch.full((b,), t, device=idx.device))
-        text = ctx.valid & ~ctx.visual & (idx[None] > first[:, None])
-        n_r = max(1, int(text.sum(1).max()))
-        rows = torch.zeros(b, n_r, dtype=torch.long, device=idx.device)
-        real = torch.zeros(b, n_r, dtype=torch.bool, device=idx.device)
-        for i in range(b):
-            r = text[i].nonzero().squeeze(1)
-            if r.numel():
-                rows[i, : r.numel()] = r
-                rows[i, r.numel():] = r[-1]
-                real[i, : r.numel()] = True
+        b = ctx.visual.shape[0]
+        rows, real = ctx.text_rows()  # every prompt token after the first visual one (B, R)
         att = ctx.attention_rows(ctx.layer - 1, rows).mean(1)  # (B, R, T) heads averaged
         out = []
         for i in range(b):
@@ -212,8 +205,10 @@ class OutputAwareCache(Method):
     The paper describes the policy as output-aware; the released code does exactly this cut and no scoring with
     generated tokens, which is what is implemented. What "output-aware" adds beyond this cut in the paper's text
     (for instance eviction driven by the generated tokens' attention) could not be confirmed and is not implemented.
-    One difference from the released code: it keeps the cut keys' RoPE positions of their own stage while decode
-    queries use compacted positions; here positions stay the original ones throughout.
+    RoPE positions of decode steps: each layer continues the numbering its prefill used (the original positions, or
+    under a "contiguous" prefill the renumbered ones), the cut keys keeping the positions they were cached with.
+    The released code instead gives a decode query the layer's cache length after the cut as its position, which in
+    the cut layers puts it before the positions of the prompt's last keys.
     """
 
     name = "mustdrop_kv"
@@ -266,6 +261,11 @@ class MustDrop(Compose):
     parts; the key set only matters to the prefill stage). Token counts are adaptive: ``vlprune.stats`` reports the final count (``kept_positions``) and the
     layer-averaged "equivalent tokens" (``equivalent_tokens``) that the paper quotes. LLaVA-NeXT runs on the
     host's own packed layout (the official code forces a flat layout without unpadding or newline tokens).
+
+    RoPE positions: ``rope_positions="contiguous"`` (default, the official code's) renumbers the sequence without
+    gaps after the merge and after each filter, and decode steps continue each layer's numbering (see
+    ``OutputAwareCache`` for the one difference from the code); ``"original"`` keeps every token's position in the
+    unpruned prompt throughout.
     """
 
     name = "mustdrop"
@@ -285,8 +285,10 @@ class MustDrop(Compose):
     vision: bool = True
     prefill: bool = True
     decode: bool = True
+    rope_positions: str = "contiguous"
 
     def __post_init__(self):
+        check_positions(self.name, self.rope_positions)
         for f in ("merging", "key_set", "vision", "prefill", "decode"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"mustdrop: {f} must be True or False; got {getattr(self, f)!r}")
@@ -319,11 +321,13 @@ class MustDrop(Compose):
         parts = []
         if self.vision and (self.merging or self.key_set):
             parts.append(MustDropVision(merging=self.merging, key_set=self.key_set and self.prefill,
-                                        threshold=self.threshold, key_ratio=self.key_ratio, order=self.order))
+                                        threshold=self.threshold, key_ratio=self.key_ratio, order=self.order,
+                                        rope_positions=self.rope_positions))
         if self.prefill:
             parts.append(MustDropFilter(keep=self.keep, keep_ratio=self.keep_ratio, preset=self.preset,
                                         global_thr=self.global_thr, individual_thr=self.individual_thr,
-                                        layers=self.layers, ref_depth=self.ref_depth))
+                                        layers=self.layers, ref_depth=self.ref_depth,
+                                        rope_positions=self.rope_positions))
         if self.decode:
             parts.append(OutputAwareCache())
         if not parts:

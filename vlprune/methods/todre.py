@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..budget import Budget
 from ..registry import register_method
 from .base import (TOKEN_CLS, TOKEN_NEWLINE, TOKEN_PATCH, BudgetMixin, HostInfo, ImageSelection, ImageTokens,
-                   LayerContext, Method, Stage)
+                   LayerContext, Method, Stage, check_positions, padded_rows)
 
 DIVERSITY = ("max_sum", "k_center")
 
@@ -71,21 +71,6 @@ def modal_shares(probs_text: torch.Tensor, probs_visual: torch.Tensor, text: tor
     return torch.stack([a_tv, a_vt], 1)
 
 
-def _padded_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) bool -> rows (B, R) indices (padded by repeating the last) and weights (B, R)."""
-    b = mask.shape[0]
-    r = max(1, int(mask.sum(1).max()))
-    rows = torch.zeros(b, r, dtype=torch.long, device=mask.device)
-    w = torch.zeros(b, r, device=mask.device)
-    for i in range(b):
-        idx = mask[i].nonzero().squeeze(1)
-        if idx.numel():
-            rows[i, : idx.numel()] = idx
-            rows[i, idx.numel():] = idx[-1]
-            w[i, : idx.numel()] = 1.0
-    return rows, w
-
-
 @register_method
 @dataclass
 class ToDRE(BudgetMixin, Method):
@@ -96,7 +81,7 @@ class ToDRE(BudgetMixin, Method):
     (softmax, heads averaged) in the last ViT layer (``pivot_layer``), taken over the thumbnail for AnyRes images
     (over all patches for LLaVA-1.5). ``diversity="max_sum"`` is v2's greedy max-sum (default; repeatedly add the
     token least similar in sum to those chosen); ``"k_center"`` is v1's greedy k-center (farthest point).
-    Kept tokens stay in raster order, with contiguous RoPE positions. Newline tokens of LLaVA-NeXT are not
+    Kept tokens stay in raster order. Newline tokens of LLaVA-NeXT are not
     candidates and are kept (``newlines="keep"``, outside the budget) or dropped (``"drop"``).
 
     Stage 2 (inside the decoder): at decoder layer ``layer`` (default: the 1-based layer nearest 7L/8, i.e.
@@ -106,7 +91,14 @@ class ToDRE(BudgetMixin, Method):
     token of that sample is removed from the next layer on, KV cache included. Text = the prompt tokens after the
     first visual token; the system prompt before it is neither. With LLaVA's layout (image before the question) a
     causal mask keeps alpha_v->t near 0, so the rule is in effect alpha_t->v < tau. Both shares are reported in
-    ``vlprune.stats(model)["reports"]["todre"]``. Remaining tokens keep their positions.
+    ``vlprune.stats(model)["reports"]["todre"]``.
+
+    RoPE positions (``rope_positions``, both stages): "contiguous" (default) renumbers the sequence without gaps after
+    stage 1 and again after stage 2 (the text after the image moves down; decode steps continue each layer's
+    numbering); "original" keeps every token's position in the unpruned prompt. ToDRE has no released code; the
+    default is what LLaVA-codebase code does after pre-LLM selection and what the official TransPrune and MustDrop
+    codes do after pruning inside the decoder.
+
 
     ``stage1=False`` or ``stage2=False`` runs one stage alone (stage 2 alone needs no budget). ``row_chunk`` bounds
     the memory of the visual rows' attention (computed only for visual queries placed after some text token).
@@ -150,8 +142,7 @@ class ToDRE(BudgetMixin, Method):
                              f"got {self.row_chunk!r}")
         if self.newlines not in ("keep", "drop"):
             raise ValueError(f"todre: newlines must be 'keep' or 'drop'; got {self.newlines!r}")
-        if self.rope_positions not in ("original", "contiguous"):
-            raise ValueError(f"todre: rope_positions must be 'original' or 'contiguous'; got {self.rope_positions!r}")
+        check_positions(self.name, self.rope_positions)
 
     def check(self, info: HostInfo) -> None:
         nv = info.n_vision_layers
@@ -170,8 +161,7 @@ class ToDRE(BudgetMixin, Method):
 
     # -- stage 1
     def vision_layers(self, n_vision_layers: int, feature_layer: int) -> list[int]:
-        self._pivot = self.pivot_layer % n_vision_layers
-        return [self._pivot] if self.stage1 else []
+        return [self.pivot_layer % n_vision_layers] if self.stage1 else []
 
     def select(self, image: ImageTokens) -> ImageSelection | None:
         if not self.stage1:
@@ -186,7 +176,7 @@ class ToDRE(BudgetMixin, Method):
             if self.newlines == "keep":
                 return None
             return ImageSelection(keep=torch.cat(fixed + [patch]).sort().values)
-        attn = image.cls_attention(self._pivot)  # (N,)
+        attn = image.cls_attention(self.pivot_layer)  # (N,)
         pool = patch[lay.crop[patch] == 0] if lay.tiles is not None else patch  # the thumbnail for AnyRes
         pivot_tok = pool[torch.argmax(torch.nan_to_num(attn[pool], nan=float("-inf")))]
         pivot = int((patch == pivot_tok).nonzero()[0, 0])
@@ -201,19 +191,15 @@ class ToDRE(BudgetMixin, Method):
     def prune_layers(self, n_layers: int) -> list[int]:
         return [self._layer(n_layers) + 1] if self.stage2 else []
 
-    @property
-    def positions(self) -> str:
-        return self.rope_positions if self.stage1 else "original"
-
     def prune(self, ctx: LayerContext):
         b, t = ctx.visual.shape
         if not bool(ctx.visual.any()):
             return None
         layer = ctx.layer - 1
         idx = torch.arange(t, device=ctx.visual.device)
-        first = torch.where(ctx.visual.any(1), ctx.visual.float().argmax(1), torch.full((b,), t, device=idx.device))
-        text = ctx.valid & ~ctx.visual & (idx[None] > first[:, None])
-        rows_t, w_t = _padded_rows(text)
+        text = ctx.text_after_image()
+        rows_t, real_t = padded_rows(text)
+        w_t = real_t.float()
         p_t = ctx.attention_rows(layer, rows_t).mean(1)  # (B, R, T)
         shares = modal_shares(p_t, p_t[:, :0], text, ctx.visual, w_t, w_t[:, :0])
         # visual queries: under the causal mask only those after some text token can attend to text keys; the
@@ -222,7 +208,8 @@ class ToDRE(BudgetMixin, Method):
         reach = ctx.visual & (idx[None] > first_text[:, None])
         if bool(reach.any()):
             total = torch.zeros(b, device=idx.device)
-            rows_v, w_v = _padded_rows(reach)
+            rows_v, real_v = padded_rows(reach)
+            w_v = real_v.float()
             for c0 in range(0, rows_v.shape[1], self.row_chunk):
                 rv, wv = rows_v[:, c0:c0 + self.row_chunk], w_v[:, c0:c0 + self.row_chunk]
                 p_v = ctx.attention_rows(layer, rv).mean(1)  # (B, r, T)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..ops import topk_sorted
 from ..registry import register_method
-from .base import BudgetMixin, HostInfo, LayerContext, Method, Stage
+from .base import BudgetMixin, HostInfo, LayerContext, Method, Stage, check_positions
 
 
 def token_transition(x_in: torch.Tensor, x_out: torch.Tensor, valid: torch.Tensor | None = None,
@@ -61,10 +61,13 @@ class TransPrune(BudgetMixin, Method):
     1 - |cos|; ``use_iga=False`` is the TTV-only variant the paper ablates. ``keep`` / ``keep_ratio`` set the
     final stage's budget (earlier stages keep max(their ratio, the final budget)).
 
+    RoPE positions: ``rope_positions="contiguous"`` (default, the released code's behaviour) renumbers the shortened
+    sequence 0..T'-1 after every prune, so the next stage's IGA and every later layer see the compacted distances,
+    and decode steps subtract the tokens dropped before each layer (the code's ``pos - (n_cur - n_keep)``);
+    ``"original"`` keeps every kept token's position in the unpruned prompt.
+
     Differences from the released code, by design: the TTV softmax is per sample (the code's runs over the whole
-    batch); kept tokens keep their original RoPE positions (the code renumbers positions after each prune and
-    offsets decode positions to match; both are consistent, they differ in the positions later layers see);
-    the layers keep SDPA (the code does too: IGA and TTV are computed from hooked inputs and outputs).
+    batch); the layers keep SDPA (the code does too: IGA and TTV are computed from hooked inputs and outputs).
 
     Shapes: TTV (B, T) per module and layer; IGA rows (B, H, R, T) -> (B, T); kept per sample (K,).
     """
@@ -79,6 +82,7 @@ class TransPrune(BudgetMixin, Method):
     alpha: float = 0.5
     abs_cos: bool = False
     use_iga: bool = True
+    rope_positions: str = "contiguous"
 
     def __post_init__(self):
         if self.keep is not None or self.keep_ratio is not None or self.budget is not None:
@@ -100,6 +104,7 @@ class TransPrune(BudgetMixin, Method):
             raise ValueError(f"transprune: ref_depth must be the depth the layers refer to (32); got {self.ref_depth!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
             raise ValueError(f"transprune: alpha must be in [0, 1]; got {self.alpha!r}")
+        check_positions(self.name, self.rope_positions)
 
     def check(self, info: HostInfo) -> None:
         if info.n_layers < 3:
@@ -137,18 +142,8 @@ class TransPrune(BudgetMixin, Method):
         b, t = ctx.visual.shape
         iga = None
         if self.use_iga:
-            idx = torch.arange(t, device=ctx.visual.device)
-            first = torch.where(ctx.visual.any(1), ctx.visual.float().argmax(1), torch.full((b,), t, device=idx.device))
-            instr = ctx.valid & ~ctx.visual & (idx[None] > first[:, None])  # (B, T)
-            n_r = max(1, int(instr.sum(1).max()))
-            rows = torch.zeros(b, n_r, dtype=torch.long, device=idx.device)
-            w = torch.zeros(b, n_r, device=idx.device)
-            for i in range(b):
-                r = instr[i].nonzero().squeeze(1)
-                if r.numel():
-                    rows[i, : r.numel()] = r
-                    rows[i, r.numel():] = r[-1]
-                    w[i, : r.numel()] = 1.0 / r.numel()
+            rows, real = ctx.text_rows()  # the instruction tokens (B, R)
+            w = real.float() / real.sum(1, keepdim=True).clamp_min(1)
             probs = ctx.entering_rows(rows).mean(1)  # (B, R, T) heads averaged
             iga = (probs * w[:, :, None]).sum(1)  # (B, T) instruction tokens averaged
         out = []
