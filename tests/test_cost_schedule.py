@@ -7,12 +7,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vlprune
 from vlprune import cost
-from conftest import HOSTS, inputs_for
+from conftest import HOSTS, inputs_for, tiny_mqt_folder
 
 cost.register_sdpa_cpu_flop_formula()
 
 CASES = [("random", {"keep": 10**6}), ("pool", {"keep": 64}), ("cls_attn", {"keep": 48}), ("fastv", {"k": 2, "keep": 40}),
-         ("random", {"keep": 30})]
+         ("random", {"keep": 30}),
+         # the six methods, each with what it spends on scoring (ViT and decoder attention rows, ToDRE's greedy
+         # selection, TransPrune's transition norms); MustDrop with a threshold at which the tiny tower merges
+         ("transprune", {}), ("todre", {"keep_ratio": 0.25}), ("hired", {"keep_ratio": 0.2}),
+         ("globalcom2", {"keep_ratio": 0.25}), ("mustdrop", {"threshold": 0.5}), ("mqt", {"keep": 8})]
 
 
 def _count(model, inputs, mode):
@@ -26,10 +30,14 @@ def _count(model, inputs, mode):
 
 
 @pytest.mark.parametrize("host", HOSTS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{list(c[1].values())[-1]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join([c[0]] + [str(v) for v in c[1].values()][-1:]))
 @pytest.mark.parametrize("mode", ["forward", "generate"])
 def test_stats_cost_matches_flop_counter(hosts, host, case, mode):
     name, kw = case
+    if name == "mqt":
+        if host != "llava":
+            pytest.skip("mqt: MQT-LLaVA is a LLaVA-1.5 model")
+        kw = dict(kw, weights=tiny_mqt_folder())
     model, proc = hosts[host]
     inputs = inputs_for(host, proc, n=2 if mode == "generate" else 1)
     unpruned = _count(model, inputs, mode)
@@ -42,8 +50,40 @@ def test_stats_cost_matches_flop_counter(hosts, host, case, mode):
         assert counted < unpruned
     else:
         assert counted == unpruned
-    if name in ("cls_attn", "fastv"):
+    if name not in ("random", "pool", "mqt"):
         assert report.scoring > 0
+
+
+def test_projector_counts_every_row_merged_duplicates_included(hosts):
+    model, proc = hosts["llava"]
+    inputs = inputs_for("llava", proc)
+    with vlprune.pruned(model, "mustdrop", threshold=0.5, prefill=False, decode=False, key_set=False):
+        with torch.no_grad():
+            model(**inputs)
+        st = vlprune.stats(model)
+    assert st["images"][0]["kept"] < 576  # windows were merged: the decoder sees fewer tokens
+    assert st["schedule"].projector_rows == 576  # but the projector ran on all 576 rows
+    assert st["cost"].projector == cost.projector_flops(model.config, 576)
+
+
+def test_todre_scoring_counts_the_greedy_selection(hosts):
+    from vlprune.methods.todre import greedy_flops
+
+    model, proc = hosts["llava_next"]
+    inputs = inputs_for("llava_next", proc)
+    with vlprune.pruned(model, "todre", keep_ratio=0.25, stage2=False):
+        with torch.no_grad():
+            model(**inputs)
+        st = vlprune.stats(model)
+    im = st["images"][0]
+    n_patch = im["visual_tokens"] - im["partitions"]["newline"]
+    k = im["kept"] - im["partitions"]["newline"]  # the newline tokens are kept inside the budget
+    greedy = greedy_flops(n_patch, model.config.text_config.hidden_size, k)
+    assert greedy > 0
+    vit_rows = st["cost"].scoring - greedy  # what is left: the pivot layer's CLS logits
+    assert 0 < vit_rows < greedy
+    # LLaVA-NeXT-7B at 25%: 720 of 2880 tokens of 4096 dimensions
+    assert greedy_flops(2880, 4096, 720) == pytest.approx(17.0e9, rel=0.01)
 
 
 def test_equivalent_tokens_and_schedule(hosts):

@@ -118,7 +118,7 @@ def test_hired_on_a_constructed_2x2_map():
     img, lay = _constructed((672, 672), {0: alloc, 2: ramp})
     assert lay.tiles == (2, 2)
     for allocation, expected in [("spatial", [144, 0, 144, 0]), ("raster_stripes", [72, 72, 72, 72])]:
-        m = HiRED(keep_ratio=0.2, allocation=allocation)
+        m = HiRED(keep_ratio=0.2, allocation=allocation, newlines="keep")
         m.vision_layers(4, 2)
         sel = m.select(img)
         got = _counts(lay, sel.keep)
@@ -128,9 +128,16 @@ def test_hired_on_a_constructed_2x2_map():
         for c, n in zip(range(5), [288] + expected):
             vit = lay.vit_index[sel.keep][(lay.crop[sel.keep] == c) & (lay.kind[sel.keep] == TOKEN_PATCH)]
             assert sorted(vit.tolist()) == list(range(577 - n, 577))
-    drop = HiRED(keep_ratio=0.2, newlines="drop")
+    drop = HiRED(keep_ratio=0.2, selection_layer=2)  # default newlines, as the official code: none, at most N = 576
     drop.vision_layers(4, 2)
-    assert _counts(lay, drop.select(img).keep)["newline"] == 0
+    sel = drop.select(img)
+    assert _counts(lay, sel.keep) == {"base": 288, "crop1": 144, "crop2": 0, "crop3": 144, "crop4": 0, "newline": 0}
+    assert sel.budget == 576
+    count = HiRED(keep_ratio=0.2, selection_layer=2, newlines="count")  # the 48 newline tokens inside N: 528 patches
+    count.vision_layers(4, 2)
+    sel = count.select(img)
+    got = _counts(lay, sel.keep)
+    assert got["newline"] == 48 and sel.keep.numel() == 576 and got["base"] == 264
 
 
 def test_globalcom2_on_a_constructed_2x2_map():
@@ -140,7 +147,7 @@ def test_globalcom2_on_a_constructed_2x2_map():
     thumb[:12, :12] = 10 * math.log(2) / 144  # crop scores [10 ln 2, 0, 0, 0] -> softmax/10 = [2, 1, 1, 1] / 5
     last[0, 1:] = thumb.reshape(-1)
     img, lay = _constructed((672, 672), {3: last})
-    m = GlobalCom2(keep_ratio=0.3)
+    m = GlobalCom2(keep_ratio=0.3, newlines="keep")
     m.vision_layers(4, 2)
     sel = m.select(img)
     got = _counts(lay, sel.keep)
@@ -211,7 +218,7 @@ def test_hired_anyres_against_eager_attention(hosts, allocation):
     n_base, n_crop = allocate(n_budget, lay.n_crops - 1, 576, 0.5,
                               region_scores(a0[0].reshape(24, 24), lay.tiles, allocation))
     kept = st["images"][0]["kept_indices"]
-    want = {"base": n_base, **{f"crop{i}": n for i, n in enumerate(n_crop, 1)}, "newline": lay.partition_counts()["newline"]}
+    want = {"base": n_base, **{f"crop{i}": n for i, n in enumerate(n_crop, 1)}, "newline": 0}  # dropped (default)
     assert st["images"][0]["kept_per_partition"] == want
     for c in range(lay.n_crops):
         toks = ((lay.kind == TOKEN_PATCH) & (lay.crop == c)).nonzero().squeeze(1)
@@ -223,7 +230,7 @@ def test_hired_anyres_against_eager_attention(hosts, allocation):
 def test_globalcom2_anyres_against_eager_logits(hosts):
     model, proc = hosts["llava_next"]
     inputs = inputs_for("llava_next", proc, sizes=[(640, 480)])
-    with vlprune.pruned(model, "globalcom2", keep_ratio=0.25):
+    with vlprune.pruned(model, "globalcom2", keep_ratio=0.25, newlines="keep"):  # newlines on top: R as given
         with torch.no_grad():
             model(**inputs)
         st = vlprune.stats(model)
@@ -237,6 +244,36 @@ def test_globalcom2_anyres_against_eager_logits(hosts):
         n_valid = int(((lay.kind == TOKEN_PATCH) & (lay.crop == c)).sum())
         assert got[f"crop{c}"] == math.floor(n_valid * float(ratios[c - 1]) + 1e-9)
     assert got["newline"] == int((lay.kind == TOKEN_NEWLINE).sum())
+
+
+# --------------------------------------------------------------------------------------------- budgets
+@pytest.mark.parametrize("name", ["hired", "globalcom2", "todre"])
+def test_budgets_mean_what_they_say(hosts, name):
+    """On LLaVA-NeXT a budget counts every visual token the image keeps, newline tokens included (or they are
+    dropped), so no image keeps more than its budget ("up to N"); a budget at or above its tokens keeps all."""
+    model, proc = hosts["llava_next"]
+    inputs = inputs_for("llava_next", proc, sizes=[(640, 480)])
+    kw = {"tau": 0.0} if name == "todre" else {}
+
+    def run(**budget):
+        with vlprune.pruned(model, name, **budget, **kw):
+            with torch.no_grad():
+                model(**inputs)
+            return vlprune.stats(model)["images"][0]
+
+    full = run(keep=10**6)
+    n, n_patch = full["visual_tokens"], full["visual_tokens"] - full["partitions"]["newline"]
+    assert full["kept"] == n
+    for budget, up_to in [({"keep": 64}, 64), ({"keep_ratio": 0.1}, math.floor(0.1 * n_patch + 0.5)),
+                          ({"keep": n - 1}, n - 1)]:
+        im = run(**budget)
+        if name == "hired" and "keep_ratio" in budget:
+            up_to = math.floor(5 * 576 * 0.1)  # HiRED's N = floor(views * 576 * rate)
+        assert im["budget"] == up_to, budget
+        assert im["kept"] <= up_to, (budget, im["kept"], up_to)
+        if up_to < n_patch // 2:  # small budgets are spent (GlobalCom2's per-crop ratios, clipped at 1, and
+            assert im["kept"] >= up_to - 8, (budget, im["kept"], up_to)  # HiRED's dropped newlines lose some)
+    assert run(keep=n)["kept"] == n and run(keep_ratio=1.0)["kept"] == n
 
 
 # --------------------------------------------------------------------------------------------- generate, batches
@@ -296,7 +333,10 @@ def test_batch_of_different_grids_matches_batch_of_one(hosts, host, spec):
             one = {k: (v[:, n_pad:] if k in ("input_ids", "attention_mask") else v) for k, v in one.items()}
             singles.append((_generate(model, one, n=N_NEW)[0], vlprune.stats(model)["images"][0]))
     for b in range(2):
-        assert torch.equal(toks[b], singles[b][0][0])
+        single = singles[b][0][0]  # stops at EOS; the batch row goes on with padding after it
+        assert torch.equal(toks[b][:single.numel()], single)
+        assert set(toks[b][single.numel():].tolist()) <= {model.generation_config.pad_token_id,
+                                                          model.generation_config.eos_token_id}
         assert torch.equal(st["images"][b]["kept_indices"], singles[b][1]["kept_indices"])
     if host == "llava_next":
         assert st["images"][0]["visual_tokens"] != st["images"][1]["visual_tokens"]  # different grids
@@ -329,5 +369,6 @@ def test_bad_hyperparameters_raise(hosts, name, kwargs, match):
 
 def test_defaults_are_the_papers():
     h, g = HiRED(), GlobalCom2()
-    assert (h.keep_ratio, h.alpha, h.allocation_layer, h.allocation, h.newlines) == (0.2, 0.5, 0, "spatial", "keep")
+    assert (h.keep_ratio, h.alpha, h.allocation_layer, h.allocation, h.newlines) == (0.2, 0.5, 0, "spatial", "drop")
+    assert GlobalCom2().newlines == "count" and vlprune.get_method("todre").newlines == "count"
     assert (g.keep_ratio, g.temperature, g.layer, g.thumbnail_order) == (0.25, 10.0, -1, "raster")

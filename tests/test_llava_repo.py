@@ -403,6 +403,76 @@ def test_vqa_loader_script_rejects_a_bad_method_before_loading(tmp_path):
     assert r.returncode != 0 and "hird" in r.stderr and "hired" in r.stderr
 
 
+# the official MQT-LLaVA projector (gordonhu608/MQT-LLaVA, llava/model/multimodal_projector/builder.py,
+# ``Resampler``), set on ``LlavaMetaModel`` as ``self.query_abstractor``: its parameter names and shapes for
+# kv_dim (vision) Dv, embed_dim (text) Dt and M queries
+def _official_mqt_params(dv: int, dt: int, m: int) -> dict:
+    shapes = {"pos_embed": (m, dv), "query": (m, dv), "attn.in_proj_weight": (3 * dv, dv), "attn.in_proj_bias": (3 * dv,),
+              "attn.out_proj.weight": (dv, dv), "attn.out_proj.bias": (dv,), "ln_q.weight": (dv,), "ln_q.bias": (dv,),
+              "ln_k.weight": (dv,), "ln_k.bias": (dv,), "ln_v.weight": (dv,), "ln_v.bias": (dv,), "proj": (dv, dt)}
+    g = torch.Generator().manual_seed(7)
+    return {"model.query_abstractor." + k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def test_mqt_converter_loads_the_codebase_layout(tmp_path, monkeypatch):
+    """An MQT-LLaVA checkpoint in the layout the LLaVA codebase saves: the state dict of the codebase's own
+    ``LlavaLlamaForCausalLM`` (built tiny here, not named by vlprune) plus the official projector's parameters.
+    Converting into transformers' LlavaForConditionalGeneration loads every weight, none missing or unexpected,
+    each into the module that holds it there; a copy of the converter's name map with any one entry broken is
+    refused."""
+    from safetensors.torch import save_file
+
+    from vlprune.methods import mqt as mqt_mod
+    from vlprune.testing import tiny_llava
+
+    repo, _, _ = tiny_llava_repo(seed=0, anyres=False)
+    sd = {k: v.clone() for k, v in repo.state_dict().items()}
+    assert any(k.startswith("model.vision_tower.vision_tower.") for k in sd)
+    official = _official_mqt_params(64, 128, 16)
+    sd.update(official)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    # the same checkpoint as the codebase saves it under transformers 4.x, whose CLIPVisionModel keeps its
+    # parameters under ``vision_model.`` (the released MQT-LLaVA was trained on 4.36)
+    old = tmp_path / "tf4"
+    old.mkdir()
+    tower = "model.vision_tower.vision_tower."
+    save_file({(tower + "vision_model." + k[len(tower):] if k.startswith(tower) else k): v.contiguous()
+               for k, v in sd.items()}, str(old / "model.safetensors"))
+
+    model, proc = tiny_llava(seed=5)  # other random weights: everything must come from the checkpoint
+    old_model, _ = mqt_mod.convert_mqt_llava(old, tiny_llava(seed=5)[0], None, n_heads=4)
+    model, proc = mqt_mod.convert_mqt_llava(tmp_path, model, proc, n_heads=4)
+    a, b = model.state_dict(), old_model.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # module by module (not by the converter's names): the codebase's modules and transformers' hold the same tensors
+    rm = repo.get_model()
+    lm = {k: v for k, v in rm.state_dict().items() if not k.startswith(("vision_tower.", "mm_projector."))}
+    got_lm = model.model.language_model.state_dict()
+    assert sorted(got_lm) == sorted(lm)
+    assert all(torch.equal(got_lm[k], lm[k]) for k in lm)
+    got_vt, vt = model.model.vision_tower.state_dict(), rm.vision_tower.vision_tower.state_dict()
+    assert sorted(got_vt) == sorted(vt) and all(torch.equal(got_vt[k], vt[k]) for k in vt)
+    assert torch.equal(model.lm_head.weight, repo.lm_head.weight)
+    got_q = model.model.multi_modal_projector.mqt.state_dict()
+    assert sorted("model.query_abstractor." + k for k in got_q) == sorted(official)
+    assert all(torch.equal(got_q[k].float(), official["model.query_abstractor." + k]) for k in got_q)
+
+    for i, (src, dst) in enumerate(mqt_mod._NAME_MAP):
+        variants = [(src[:-1] + "_x.", dst)] + ([] if dst is None else [(src, dst[:-1] + "_x.")])
+        for entry in variants:
+            broken = list(mqt_mod._NAME_MAP)
+            broken[i] = entry
+            monkeypatch.setattr(mqt_mod, "_NAME_MAP", tuple(broken))
+            refused = 0
+            for folder in (tmp_path, old):
+                try:
+                    mqt_mod.convert_mqt_llava(folder, tiny_llava(seed=5)[0], None, n_heads=4)
+                except ValueError:
+                    refused += 1
+            assert refused, f"a name map with {entry} in place of {(src, dst)} was accepted"
+    monkeypatch.undo()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the codebase's own entry (llava.eval.model_vqa_loader) "
                     "moves inputs to 'cuda' in float16; it runs on a GPU machine")
 def test_vqa_loader_script_runs_the_codebase_entry_on_gpu(vqa_folder, tmp_path):

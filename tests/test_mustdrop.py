@@ -108,6 +108,99 @@ def test_fixed_budget_mode_hits_the_count():
                                                          round(100 * 0.04 ** 0.75), 4]
 
 
+def _layered_cache(n_layers, visual_by_layer, n_prompt):
+    """A CacheContext of one sample: visual_by_layer(l) -> the visual prompt positions cached at layer l."""
+    orig, vis = [], []
+    for l in range(n_layers):
+        v = set(visual_by_layer(l))
+        pos = [p for p in range(n_prompt) if p in v or p not in (1, 2, 3, 4)]
+        orig.append(torch.tensor([pos]))
+        vis.append(torch.tensor([[p in v for p in pos]]))
+    return CacheContext(n_layers=n_layers, visual=vis, valid=[torch.ones_like(v) for v in vis], original=orig)
+
+
+def test_decode_cut_starts_at_the_first_filtering_layer():
+    # prompt [s, v1, v2, v3, v4, t] in a 32-layer decoder; the filter at layer 2 drops nothing, the one at layer 6
+    # drops v4 (from layer 7 on), the one at 10 drops v3: the official code cuts layers 2..14 to {v1, v2}
+    ctx = _layered_cache(32, lambda l: [1, 2, 3, 4] if l < 7 else [1, 2, 3] if l < 11 else [1, 2], 6)
+    kv = vlprune.get_method("mustdrop").methods[-1]
+    assert isinstance(kv, OutputAwareCache)
+    plan = kv.evict(ctx)
+    assert sorted(plan) == list(range(2, 11))  # layers 11.. hold only the survivors already
+    for l in (2, 6, 7, 10):
+        kept = ctx.original[l][0][plan[l][0]].tolist()
+        assert kept == [0, 1, 2, 5]
+    # scaled to a 4-layer decoder the first filtering layer is 0
+    small = _layered_cache(4, lambda l: [1, 2, 3, 4] if l < 2 else [1, 2], 6)
+    assert sorted(kv.evict(small)) == [0, 1]
+    # without filter layers (composed with another method) the cut starts before the first change
+    assert sorted(OutputAwareCache().evict(ctx)) == list(range(6, 11))
+
+
+def _synthetic_image(n_per_crop, logits, merge_score=None):
+    """ImageTokens of one image whose crops hold n_per_crop patches; features row i = token i; logits
+    (n_crops, H, S) the last ViT layer's CLS logits (slot 0 = CLS)."""
+    from vlprune.methods.base import TOKEN_PATCH, ImageLayout, ImageTokens, Partition
+
+    crop = torch.cat([torch.full((n,), c) for c, n in enumerate(n_per_crop)])
+    vit = torch.cat([torch.arange(1, n + 1) for n in n_per_crop])
+    n = int(crop.numel())
+    lay = ImageLayout(kind=torch.full((n,), TOKEN_PATCH), crop=crop, vit_index=vit,
+                      partitions=[Partition("image", torch.arange(n), (-1, -1))], n_crops=len(n_per_crop))
+    return ImageTokens(features=torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 3), layout=lay, sample=0,
+                       index=0, _vision=lambda layer: logits, merge_score=merge_score)
+
+
+def test_official_order_moves_the_key_set_with_its_tokens():
+    from vlprune.methods.mustdrop import MustDropVision
+
+    n = 36
+    logits = torch.zeros(1, 2, n + 1)
+    for tok, v in ((10, 5.0), (16, 4.0), (26, 3.0)):  # the key set (ceil(0.08 * 36) = 3): tokens 10, 16, 26
+        logits[0, :, 1 + tok] = v
+    score = torch.full((n,), float("nan"))
+    score[[8, 20, 35]] = torch.tensor([0.9, 0.95, 0.85])  # three merged windows' representatives
+    img = _synthetic_image([n], logits, score)
+    spatial = MustDropVision(order="spatial").select(img)
+    assert spatial.protect.tolist() == [10, 16, 26]
+    sel = MustDropVision(order="official").select(img)
+    # slots: merged first by similarity (20, 8, 35), then the rest in raster order
+    assert sel.features[:4, 0].tolist() == [20.0, 8.0, 35.0, 0.0]
+    assert sorted(sel.features[sel.protect, 0].tolist()) == [10.0, 16.0, 26.0]
+    assert sel.protect.tolist() == [12, 18, 27]
+
+
+def test_key_set_is_chosen_per_view():
+    from vlprune.methods.mustdrop import MustDropVision
+
+    # view 0 (base image) has 30 patches, view 1 (a crop) 10: the crop's softmax shares are larger, so one top-4
+    # over the image would take all 4 from the crop; per view it is ceil(0.08 * 30) = 3 and ceil(0.08 * 10) = 1
+    s = 31
+    logits = torch.full((2, 2, s), float("-inf"))
+    g = torch.Generator().manual_seed(0)
+    logits[0, :, :31] = 0.01 * torch.randn(31, generator=g)
+    logits[1, :, :11] = 0.01 * torch.randn(11, generator=g)
+    img = _synthetic_image([30, 10], logits)
+    prot = MustDropVision(merging=False).select(img).protect
+    assert int((prot < 30).sum()) == 3 and int((prot >= 30).sum()) == 1
+    attn = img.cls_attention(-1)
+    assert set(prot[prot < 30].tolist()) == set(torch.topk(attn[:30], 3).indices.tolist())
+
+
+def test_equivalent_tokens_official_count(hosts):
+    model, proc = hosts["llava_next"]
+    inputs = inputs_for("llava_next", proc)  # 640x480: base image + 4 crops = 5 views
+    with vlprune.pruned(model, "mustdrop", merging=False):
+        with torch.no_grad():
+            model(**inputs)
+        st = vlprune.stats(model)
+    v = st["visual_per_layer"][0]
+    assert v[-1] < v[0]
+    assert st["equivalent_tokens"][0] == pytest.approx(sum(v) / 4)
+    # the official code counts each layer after its pruning (what enters the next layer) and divides by the views
+    assert st["equivalent_tokens_official"][0] == pytest.approx((v[1] + v[2] + v[3] + v[3]) / 4 / 5)
+
+
 def test_kv_cut_of_a_constructed_cache():
     # 3 layers, one sample, prompt [s, v1, v2, v3, t]: layer 0 sees all, layer 1 drops v3, layer 2 drops v2 too
     orig = [torch.tensor([[0, 1, 2, 3, 4]]), torch.tensor([[0, 1, 2, 4]]), torch.tensor([[0, 1, 4]])]
@@ -184,11 +277,11 @@ def test_key_set_is_top_8_percent_and_survives(hosts, host):
     assert final < n
 
 
-def _decode_policy_reference(model, inputs, st, n_new, renumber=False):
+def _decode_policy_reference(model, inputs, st, n_new, cut_from=None, renumber=False):
     """No-cache reference of prefill stages + the KV cut: prompt rows of layer l see the visual tokens that entered
-    layer l in prefill; decode rows of layers >= from_layer see only the final survivors. With ``renumber`` (the
-    "contiguous" policy) layer l numbers the tokens that entered it in prefill 0.. without gaps, decode rows after
-    them (the cut does not renumber)."""
+    layer l in prefill; decode rows of layers >= cut_from (default: the layer before the first change) see only the
+    final survivors. With ``renumber`` (the "contiguous" policy) layer l numbers the tokens that entered it in
+    prefill 0.. without gaps, decode rows after them (the cut does not renumber)."""
     ids = inputs["input_ids"]
     am = inputs["attention_mask"]
     p_len = ids.shape[1]
@@ -196,8 +289,8 @@ def _decode_policy_reference(model, inputs, st, n_new, renumber=False):
     vis_all = img.nonzero().squeeze(1)
     stages = sorted(st["visual_positions"])
     final = st["kept_positions"][0]
-    first_change = stages[1]
-    cut_from = first_change - 1
+    if cut_from is None:
+        cut_from = stages[1] - 1  # the layer before the first change
     layers = model.model.language_model.layers
 
     def visible(layer):
@@ -240,7 +333,9 @@ def test_generate_with_the_decode_policy_matches_no_cache_reference(hosts, host,
     assert st["evicted"], "the decode stage cut nothing"
     if "keep" in kw:
         assert st["kept_positions"][0].numel() == kw["keep"]
-    ref = _decode_policy_reference(model, inputs, st, N_NEW, renumber=kw.get("rope_positions") != "original")
+    n_layers = model.config.text_config.num_hidden_layers
+    ref = _decode_policy_reference(model, inputs, st, N_NEW, cut_from=scale_score_layers((2, 6, 10, 14), 32, n_layers)[0],
+                                   renumber=kw.get("rope_positions", "contiguous") == "contiguous")
     assert torch.equal(toks, ref)
 
 

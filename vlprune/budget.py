@@ -79,17 +79,3 @@ def as_budget(keep: int | None = None, keep_ratio: float | None = None, budget: 
     if keep is None and keep_ratio is None:
         return None
     return Budget(keep=keep, keep_ratio=keep_ratio)
-
-
-def scale_layers(layers_1based: list[int], ref_depth: int, depth: int) -> list[int]:
-    """Map 1-based decoder layer numbers given for a ``ref_depth``-layer model to a ``depth``-layer one.
-
-    Returns 0-based indices, proportionally scaled, clipped to [1, depth-1] and de-duplicated in order.
-    """
-    out: list[int] = []
-    for layer in layers_1based:
-        idx = int(round(layer * depth / ref_depth)) - 1
-        idx = max(1, min(depth - 1, idx))
-        if idx not in out:
-            out.append(idx)
-    return out

@@ -35,13 +35,14 @@ def find_adapter(model):
     )
 
 
-def run_selections(parts, cur, keep, n: int, merged=None):
+def run_selections(parts, cur, keep, n: int, merged=None, info: dict | None = None):
     """Apply the PRE_LLM ``select`` of each part in turn to one image's tokens, composing the results.
 
     cur: the ImageTokens the first part sees; keep: (K0,) their indices in the image of n tokens (all of them, or
     one representative per ViT-merged group); merged: (n,) representative of each merged token or None.
     Returns (keep (K,) image indices kept, features (K, D) or None when the host's own rows stay, merged (n,) or
-    None, protected image indices (kept ones only)).
+    None, protected image indices (kept ones only)). ``info``, where given, receives "flops" (the selections' own
+    matrix work, ``ImageSelection.flops``, summed) and "budget" (the last ``ImageSelection.budget`` given).
     """
     import torch
 
@@ -51,6 +52,10 @@ def run_selections(parts, cur, keep, n: int, merged=None):
         sel = part.select(cur)
         if sel is None:
             continue
+        if info is not None:
+            info["flops"] = info.get("flops", 0.0) + float(sel.flops)
+            if sel.budget is not None:
+                info["budget"] = int(sel.budget)
         k = sel.keep.cpu()
         if sel.protect is not None:
             prot = torch.cat([prot, keep[k[sel.protect.cpu()]]])

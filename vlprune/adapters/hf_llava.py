@@ -369,7 +369,9 @@ class HFLlavaAdapter:
                 return (args[0], vm["mask"]) + tuple(args[2:])
             x = args[0]  # (Bv, S, D)
             t0 = time.perf_counter()
-            plans = [self.method_of(state).merge(x[c], (self.side, self.side)) for c in range(x.shape[0])]
+            method = self.method_of(state)
+            wanted = self._merge_wanted(state, method, x.shape[0])
+            plans = [method.merge(x[c], (self.side, self.side)) if wanted[c] else None for c in range(x.shape[0])]
             if all(p is None or p.n_new == x.shape[1] for p in plans):
                 state.run.method_seconds += time.perf_counter() - t0
                 return None
@@ -387,6 +389,19 @@ class HFLlavaAdapter:
             return (out, mask) + tuple(args[2:])
 
         return hook
+
+    def _merge_wanted(self, state, method, n_crops: int) -> list[bool]:
+        """Per crop of the vision batch: whether the method merges it (``Method.merges`` of the decoder tokens of
+        the crop's image: a budget that covers the image leaves it unmerged)."""
+        noted = state.image_call or {}
+        sizes = noted.get("image_sizes")
+        n_images = len(sizes) if self.anyres and sizes is not None else noted.get("n_images")
+        if n_images is None or (self.anyres and sizes is None):
+            return [True] * n_crops
+        per_crop = [lay.n for lay in self.layouts(n_images, sizes, noted.get("crops")) for _ in range(lay.n_crops)]
+        if len(per_crop) != n_crops:
+            return [True] * n_crops
+        return [method.merges(n) for n in per_crop]
 
     def _vision_unmerge(self, state):
         """The vision tower's output: merged hidden states go back to one row per original token (a merged token in
@@ -442,9 +457,7 @@ class HFLlavaAdapter:
     def _projector_hook(self, state):
         def hook(mod, args, out):
             x = args[0]
-            rows = int(x.numel() // x.shape[-1])
-            if state.vit_merge is not None:  # duplicated merged rows are one token each
-                rows -= state.vit_merge["duplicates"]
+            rows = int(x.numel() // x.shape[-1])  # every row, merged duplicates included: the projector runs on all
             if hasattr(mod, "mqt"):  # a query transformer: its own cost, not the MLP's
                 state.run.projector_extra_flops += mod.mqt.flops(x.shape[0], x.shape[1], mod.m)
                 return
@@ -545,7 +558,9 @@ class HFLlavaAdapter:
             if state.vit_merge is not None:
                 sel_keep, merged = self._dedup(img, state.vit_merge, crop_offset)
                 cur = img.subset(sel_keep)
-            sel_keep, feats, merged, prot = run_selections(self.pre_parts, cur, sel_keep, img.n, merged)
+            info = {}
+            sel_keep, feats, merged, prot = run_selections(self.pre_parts, cur, sel_keep, img.n, merged, info)
+            state.run.scoring_flops += info.get("flops", 0.0)
             dropped = sel_keep.numel() < img.n or feats is not None
             changed |= dropped
             pos = span[sel_keep.to(span.device)]
@@ -556,7 +571,7 @@ class HFLlavaAdapter:
                     new_feats[(img.sample, ppos)] = feats[j]
             state.run.images.append(
                 {"sample": img.sample, "visual_tokens": img.n, "kept": int(sel_keep.numel()), "kept_indices": sel_keep,
-                 "merged_into": merged, "partitions": img.layout.partition_counts(),
+                 "merged_into": merged, "partitions": img.layout.partition_counts(), "budget": info.get("budget"),
                  "kept_per_partition": None if merged is not None else img.layout.partition_counts(sel_keep)}
             )
         state.run.method_seconds += time.perf_counter() - t_sel

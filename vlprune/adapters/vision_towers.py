@@ -227,6 +227,8 @@ class _TowerAdapter:
         """The method's MergePlan for one image's sequence x (S, D). Methods see CLS first then the patch grid; other
         prefix tokens (registers) are taken out and put back as slots of their own right after CLS."""
         p = self.prefix
+        if not method.merges(x.shape[0] - p):  # a budget that covers the image's tokens: no merge
+            return None
         if p == 1:
             return method.merge(x, grid)
         sub = torch.cat([x[:1], x[p:]], 0)
@@ -281,7 +283,9 @@ class _TowerAdapter:
             if vm is not None:
                 sel_keep, merged = self._dedup(vm["plans"][b], n)
                 cur = img.subset(sel_keep)
-            sel_keep, feats, merged, prot = run_selections(self.pre_parts, cur, sel_keep, n, merged)
+            info = {}
+            sel_keep, feats, merged, prot = run_selections(self.pre_parts, cur, sel_keep, n, merged, info)
+            state.run.scoring_flops += info.get("flops", 0.0)
             changed |= sel_keep.numel() < n or feats is not None
             patch_rows = full[p + sel_keep.to(x.device)] if feats is None else feats.to(device=x.device, dtype=x.dtype)
             rows.append(torch.cat([full[:p], patch_rows], 0))  # (P + K, D)

@@ -215,6 +215,8 @@ class ImageSelection:
     features: torch.Tensor | None = None
     merged_from: torch.Tensor | None = None  # (N,) index of the kept slot each input token was merged into, or -1
     protect: torch.Tensor | None = None  # (P,) indices into ``keep`` that later stages must not drop (a key set)
+    budget: int | None = None  # the visual tokens the image's budget allows ("up to N"), reported by vlprune.stats
+    flops: float = 0.0  # FLOPs (2 x MACs) of the selection's own matrix work, added to the cost model's scoring
 
     def __post_init__(self):
         self.keep = torch.as_tensor(self.keep, dtype=torch.long).reshape(-1)
@@ -225,6 +227,45 @@ class ImageSelection:
                 f"ImageSelection.features must have one row per kept token: features {tuple(self.features.shape)}, "
                 f"keep {self.keep.numel()}"
             )
+
+
+# How a budget meets an image's non-patch tokens (LLaVA-NeXT's newline tokens, a CLS token). "count": kept, and
+# counted in the budget; "keep": kept on top of the budget; "drop": removed.
+NEWLINES = ("count", "keep", "drop")
+
+
+def check_newlines(name: str, value: str) -> None:
+    """Raise ValueError unless ``value`` is one of ``NEWLINES``; ``name`` is the method's."""
+    if value not in NEWLINES:
+        raise ValueError(f"{name}: newlines must be one of {NEWLINES}; got {value!r}")
+
+
+def split_budget(layout: ImageLayout, total: int, newlines: str) -> tuple[torch.Tensor, int]:
+    """Share an image's budget of ``total`` visual tokens between its non-patch tokens and its patches.
+
+    Returns (fixed, k): the CLS and newline tokens kept, (F,) ascending, and k, the number of patches to choose
+    (at most the image's patch count). ``newlines="count"``: they are kept and count against the budget
+    (k = total - F); where that would leave no patch, the newline tokens are dropped and the budget, less any CLS
+    token, goes to patches. "keep": kept on top of the budget (k = total). "drop": removed (k = total).
+    """
+    cls = (layout.kind == TOKEN_CLS).nonzero().squeeze(1)
+    nl = (layout.kind == TOKEN_NEWLINE).nonzero().squeeze(1)
+    n_patch = int((layout.kind == TOKEN_PATCH).sum())
+    if newlines == "drop" or (newlines == "count" and total - cls.numel() - nl.numel() < 1):
+        fixed = cls
+    else:
+        fixed = torch.cat([cls, nl]).sort().values
+    k = total - fixed.numel() if newlines == "count" else total
+    return fixed, max(0, min(int(k), n_patch))
+
+
+def patch_selection(layout: ImageLayout, fixed: torch.Tensor, picks: list[torch.Tensor], budget: int | None = None,
+                    **kw) -> ImageSelection | None:
+    """The ImageSelection of ``fixed`` plus the ``picks`` (token indices), or None when that is every token."""
+    keep = torch.cat([fixed.cpu()] + [p.cpu() for p in picks]).sort().values
+    if keep.numel() == layout.n and kw.get("features") is None:
+        return None
+    return ImageSelection(keep=keep, budget=budget, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -333,6 +374,11 @@ class Method:
         Return a ``vlprune.ops.MergePlan`` (later ViT layers run on the shorter sequence; the decoder receives one
         token per merged group, in its representative's place), or None to leave it."""
         return None
+
+    def merges(self, n_visual: int) -> bool:
+        """Whether ``merge`` runs on the crops of an image of ``n_visual`` decoder tokens; False where the method's
+        budget covers the image (a budget at or above an image's tokens prunes nothing)."""
+        return True
 
     # -- PRE_LLM
     def select(self, image: ImageTokens) -> ImageSelection | None:
@@ -469,6 +515,10 @@ class Compose(Method):
     def merge(self, x, grid):
         merger = getattr(self, "_merger", None)
         return None if merger is None else merger.merge(x, grid)
+
+    def merges(self, n_visual):
+        merger = getattr(self, "_merger", None)
+        return True if merger is None else merger.merges(n_visual)
 
     def check(self, info):
         for m in self.methods:

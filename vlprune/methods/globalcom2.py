@@ -10,11 +10,10 @@ import torch.nn.functional as F
 from ..budget import Budget
 from ..ops import topk_sorted
 from ..registry import register_method
-from .base import (TOKEN_CLS, TOKEN_NEWLINE, TOKEN_PATCH, BudgetMixin, HostInfo, ImageSelection, ImageTokens, Method,
-                   Stage, check_positions)
+from .base import (NEWLINES, TOKEN_PATCH, BudgetMixin, HostInfo, ImageSelection, ImageTokens, Method, Stage,
+                   check_newlines, check_positions, patch_selection, split_budget)
 
 ORDERS = ("raster", "score")
-NEWLINES = ("keep", "drop")
 
 
 def crop_scores(thumb: torch.Tensor, tiles: tuple[int, int]) -> torch.Tensor:
@@ -67,8 +66,12 @@ class GlobalCom2(BudgetMixin, Method):
        grid (``global_scores``), both normalised over the crop's tokens; crop k keeps its top ``floor(N_k * r_k)``.
 
     Packing follows the host: kept tokens in raster order, and by default every newline token of the host's
-    layout (``newlines="drop"`` removes them; they never count against the budget). The official code differs in
-    two places that are not the default: it emits the thumbnail's tokens in descending score order (offered as
+    layout, counted in the budget (``newlines="count"``: the patches get R less the newline tokens' share, so an
+    image keeps at most ``floor(R * its patches)`` tokens, the papers' "10% = up to 288" on a 2880-patch image;
+    where per-crop floors of unequal crops would overshoot, the largest crop shares give way). ``newlines="keep"``
+    keeps them on top of the budget, as the official code does; ``"drop"`` removes them (see
+    ``vlprune.methods.base.split_budget``). A budget at or above the image's tokens keeps everything. The official
+    code differs in two more places that are not the default: it emits the thumbnail's tokens in descending score order (offered as
     ``thumbnail_order="score"``: the thumbnail's kept slots carry its kept tokens sorted by score) and it writes
     each crop's kept tokens by their index in the unpadded token list into a padded 24x24 grid with a newline per
     padded row (not offered: it adds tokens the host does not lay out, and misplaces tokens of column-padded crops).
@@ -86,7 +89,7 @@ class GlobalCom2(BudgetMixin, Method):
     temperature: float = 10.0
     layer: int = -1
     thumbnail_order: str = "raster"
-    newlines: str = "keep"
+    newlines: str = "count"
     rope_positions: str = "contiguous"
 
     def __post_init__(self):
@@ -100,8 +103,7 @@ class GlobalCom2(BudgetMixin, Method):
             raise ValueError(f"globalcom2: layer must be an integer ViT layer (-1 = last); got {self.layer!r}")
         if self.thumbnail_order not in ORDERS:
             raise ValueError(f"globalcom2: thumbnail_order must be one of {ORDERS}; got {self.thumbnail_order!r}")
-        if self.newlines not in NEWLINES:
-            raise ValueError(f"globalcom2: newlines must be one of {NEWLINES}; got {self.newlines!r}")
+        check_newlines(self.name, self.newlines)
         check_positions(self.name, self.rope_positions)
 
     def check(self, info: HostInfo) -> None:
@@ -125,19 +127,20 @@ class GlobalCom2(BudgetMixin, Method):
         base = lay.partitions[0]
         if any(p.grid[0] <= 0 for p in lay.partitions):
             raise ValueError("globalcom2 needs the image's whole patch grids; apply it before methods that drop tokens")
-        fixed = [(lay.kind == TOKEN_CLS).nonzero().squeeze(1)]
-        if self.newlines == "keep":
-            fixed.append((lay.kind == TOKEN_NEWLINE).nonzero().squeeze(1))
+        if self.budget.covers(lay.n):
+            return None
         r = self.retention(n_patch)
+        total = self.budget.keep if self.budget.keep is not None else int(math.floor(n_patch * r + 1e-9))
+        fixed, k_patch = split_budget(lay, total, self.newlines)
+        if self.newlines == "count":
+            r = min(r, k_patch / max(1, n_patch))  # the ratio left to the patches once the newline tokens count
         logits = image.cls_logits(self.layer).mean(0)  # (N,) head mean, NaN for newlines
         per_part = base.grid[0] * base.grid[1]
         n_thumb = per_part if r >= 1.0 else int(math.floor(per_part * r + 1e-9))
         if self.budget.keep is not None and lay.tiles is None:
-            n_thumb = min(self.budget.keep, per_part)
+            n_thumb = min(k_patch, per_part)
         if n_thumb >= per_part and (lay.tiles is None or r >= 1.0):
-            if self.newlines == "keep":
-                return None
-            return ImageSelection(keep=torch.cat(fixed + [patch.nonzero().squeeze(1)]).sort().values)
+            return patch_selection(lay, fixed, [patch.nonzero().squeeze(1)], budget=total)
         thumb_sel = base.tokens[topk_sorted(logits[base.tokens], n_thumb)]
         picks = [thumb_sel]
         if lay.tiles is not None:
@@ -147,18 +150,20 @@ class GlobalCom2(BudgetMixin, Method):
             glob = global_scores(thumb, grid.grid).reshape(-1)  # (H*W,) in the grid partition's raster order
             gscore = torch.full((lay.n,), float("nan"))
             gscore[grid.tokens] = glob
-            for k in range(1, lay.n_crops):
-                toks = (patch & (lay.crop == k)).nonzero().squeeze(1)
+            crops = [(patch & (lay.crop == k)).nonzero().squeeze(1) for k in range(1, lay.n_crops)]
+            n_ks = [int(math.floor(t.numel() * float(ratios[k]) + 1e-9)) for k, t in enumerate(crops)]
+            while n_ks and n_thumb + sum(n_ks) > k_patch:  # per-crop floors of unequal crops overshot the budget
+                n_ks[max(range(len(n_ks)), key=lambda i: n_ks[i])] -= 1
+            for toks, n_k in zip(crops, n_ks):
                 if toks.numel() == 0:
                     continue
                 holistic = _l2n(logits[toks]) + _l2n(gscore[toks])
-                n_k = int(math.floor(toks.numel() * float(ratios[k - 1]) + 1e-9))
                 picks.append(toks[topk_sorted(holistic, n_k)])
-        keep = torch.cat(fixed + picks).sort().values
+        keep = torch.cat([fixed] + picks).sort().values
         if self.thumbnail_order == "score" and thumb_sel.numel():
             order = thumb_sel[torch.sort(logits[thumb_sel], descending=True, stable=True).indices]
             slots = (keep[:, None] == thumb_sel[None, :]).any(1).nonzero().squeeze(1)  # thumbnail slots, ascending
             feats = image.features[keep.to(image.features.device)].clone()
             feats[slots.to(feats.device)] = image.features[order.to(image.features.device)]
-            return ImageSelection(keep=keep, features=feats)
-        return ImageSelection(keep=keep)
+            return ImageSelection(keep=keep, features=feats, budget=total)
+        return ImageSelection(keep=keep, budget=total)

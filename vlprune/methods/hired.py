@@ -9,11 +9,10 @@ import torch
 from ..budget import Budget
 from ..ops import topk_sorted
 from ..registry import register_method
-from .base import (TOKEN_CLS, TOKEN_NEWLINE, TOKEN_PATCH, BudgetMixin, HostInfo, ImageSelection, ImageTokens, Method,
-                   Stage, check_positions)
+from .base import (NEWLINES, TOKEN_PATCH, BudgetMixin, HostInfo, ImageSelection, ImageTokens, Method, Stage,
+                   check_newlines, check_positions, patch_selection, split_budget)
 
 ALLOCATIONS = ("spatial", "raster_stripes")
-NEWLINES = ("keep", "drop")
 
 
 def _cuts(n: int, parts: int) -> list[int]:
@@ -87,12 +86,14 @@ class HiRED(BudgetMixin, Method):
       tokens fall in stripe i of the raster-ordered token list: on a 2x2 grid tile (0, 0) reads thumbnail rows 0-5,
       (0, 1) rows 6-11, (1, 0) rows 12-17, (1, 1) rows 18-23 (horizontal stripes, not quadrants; the two mappings
       agree only for one-column grids).
-    * Newline tokens: ``newlines="keep"`` (default) keeps every newline token of the host's layout, so the decoder
-      sees the row structure it was trained with; they do not count against the budget. ``newlines="drop"`` removes
-      them as the official code does (it drops them even at a full budget).
+    * Newline tokens: ``newlines="drop"`` (default) removes them as the official code does, so an image keeps at
+      most N tokens (the paper's "20% = up to 576" on a 5-view image). ``newlines="count"`` keeps every newline
+      token of the host's layout (the row structure the decoder was trained with) and counts them in N;
+      ``newlines="keep"`` keeps them on top of N (see ``vlprune.methods.base.split_budget``). The official code
+      drops them even at a full budget; here a budget at or above the image's tokens keeps everything.
     * Crops are selected among the tokens the host keeps after unpadding, so no budget is spent on padding (the
       official code selects on the padded 24x24 grid and unpadding then removes padded picks, so its count can fall
-      below the budget). A budget at or above the image's patch count keeps every token (the official allocation
+      below the budget). A budget at or above the image's patch count keeps every patch (the official allocation
       would still clamp crops at P and floor the shares).
 
     LLaVA-1.5 (one partition): the top ``floor(P * keep_ratio)`` patches (115 of 576 at 0.2) by selection-layer CLS
@@ -110,7 +111,7 @@ class HiRED(BudgetMixin, Method):
     allocation_layer: int = 0
     selection_layer: int | None = None
     allocation: str = "spatial"
-    newlines: str = "keep"
+    newlines: str = "drop"
     rope_positions: str = "contiguous"
 
     def __post_init__(self):
@@ -128,8 +129,7 @@ class HiRED(BudgetMixin, Method):
                 raise ValueError(f"hired: {field_name} must be an integer ViT layer (0-based); got {v!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"hired: allocation must be one of {ALLOCATIONS}; got {self.allocation!r}")
-        if self.newlines not in NEWLINES:
-            raise ValueError(f"hired: newlines must be one of {NEWLINES}; got {self.newlines!r}")
+        check_newlines(self.name, self.newlines)
         check_positions(self.name, self.rope_positions)
 
     def check(self, info: HostInfo) -> None:
@@ -159,14 +159,12 @@ class HiRED(BudgetMixin, Method):
             raise ValueError("hired needs the image's whole patch grids; apply it before methods that drop tokens")
         per_part = base.grid[0] * base.grid[1]
         n_parts = lay.n_crops if lay.tiles is not None else 1
-        n_budget = self.n_budget(n_parts, per_part)
-        fixed = [(lay.kind == TOKEN_CLS).nonzero().squeeze(1)]
-        if self.newlines == "keep":
-            fixed.append((lay.kind == TOKEN_NEWLINE).nonzero().squeeze(1))
+        if self.budget.covers(lay.n):
+            return None
+        total = self.n_budget(n_parts, per_part)
+        fixed, n_budget = split_budget(lay, total, self.newlines)
         if n_budget >= n_patch:
-            if self.newlines == "keep":
-                return None
-            return ImageSelection(keep=torch.cat(fixed + [patch.nonzero().squeeze(1)]).sort().values)
+            return patch_selection(lay, fixed, [patch.nonzero().squeeze(1)], budget=total)
         sel_scores = image.cls_attention(image.vision_layer(self.selection_layer), reduce="sum")  # (N,)
         if lay.tiles is None:
             toks = patch.nonzero().squeeze(1)
@@ -180,4 +178,4 @@ class HiRED(BudgetMixin, Method):
             for i, k in enumerate(n_crop, start=1):
                 toks = (patch & (lay.crop == i)).nonzero().squeeze(1)
                 picks.append(toks[topk_sorted(sel_scores[toks], k)])
-        return ImageSelection(keep=torch.cat(fixed + picks).sort().values)
+        return patch_selection(lay, fixed, picks, budget=total)

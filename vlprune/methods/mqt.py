@@ -185,7 +185,8 @@ def attach_mqt(model, processor, mqt: MQTProjector, m: int | None = None):
 
 _NAME_MAP = (  # official LLaVA-codebase prefixes -> transformers 5.x LlavaForConditionalGeneration
     ("model.query_abstractor.", None),
-    ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower."),
+    ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower."),  # saved with transformers 4.x
+    ("model.vision_tower.vision_tower.", "model.vision_tower."),  # saved with transformers 5.x (no vision_model.)
     ("model.mm_projector.", None),
     ("model.", "model.language_model."),
     ("lm_head.", "lm_head."),
@@ -213,7 +214,9 @@ def convert_mqt_llava(checkpoint, model, processor=None, n_heads: int = 16, m: i
     ``lm_head.*``, optionally ``model.vision_tower.vision_tower.vision_model.*``) into a transformers
     ``LlavaForConditionalGeneration`` of the same sizes, with the MQT projector attached (``attach_mqt``).
     Safetensors are read directly; ``.bin`` files only with ``torch.load(weights_only=True)``. A checkpoint without
-    vision-tower weights keeps the model's (LLaVA loads CLIP separately). Returns (model, processor)."""
+    vision-tower weights keeps the model's (LLaVA loads CLIP separately). Every other weight of the model must come
+    from the checkpoint and every checkpoint weight must find its place: a missing or unexpected key raises
+    ValueError naming it. Returns (model, processor)."""
     state = _read_checkpoint(checkpoint)
     qa = {k[len("model.query_abstractor."):]: v for k, v in state.items() if k.startswith("model.query_abstractor.")}
     if not qa:
@@ -231,9 +234,14 @@ def convert_mqt_llava(checkpoint, model, processor=None, n_heads: int = 16, m: i
                 break
         else:
             unused.append(k)
-    missing_lm = [k for k in target if k.startswith("model.language_model.") and k not in mapped]
-    if missing_lm:
-        raise ValueError(f"the checkpoint lacks {len(missing_lm)} language-model weights (first: {missing_lm[0]})")
+    if unused:
+        raise ValueError(f"{len(unused)} checkpoint weights match no known MQT-LLaVA name (first: {unused[0]}); "
+                         f"expected model.query_abstractor.*, model.*, lm_head.*")
+    has_vision = any(k.startswith("model.vision_tower.") for k in mapped)
+    missing = [k for k in target if k not in mapped and not k.startswith("model.multi_modal_projector.")
+               and (has_vision or not k.startswith("model.vision_tower."))]
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} weights of {type(model).__name__} (first: {missing[0]})")
     bad = [k for k in mapped if k not in target]
     if bad:
         raise ValueError(f"checkpoint weights with no place in {type(model).__name__}: {bad[:3]} ...")

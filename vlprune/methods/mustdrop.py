@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..budget import Budget, as_budget
 from ..ops import topk_sorted, window_merge_plan
 from ..registry import register_method
 from .base import (TOKEN_PATCH, BudgetMixin, CacheContext, Compose, HostInfo, ImageSelection, ImageTokens,
@@ -41,12 +42,15 @@ class MustDropVision(Method):
     """MustDrop's vision stage. After ViT layer ``merge_after`` (0), every 3x3 window of the patch grid whose mean
     pairwise cosine similarity is at least ``threshold`` (0.8) becomes one averaged token, and the later ViT layers
     run on the shorter sequence (``vlprune.ops.window_merge_plan``; per crop, where the official code merges the
-    batch minimum count). The key set is the top ``ceil(key_ratio * n)`` (8%) of the n remaining patches by the
-    CLS attention (softmax over the merged sequence, heads averaged) of the last ViT layer, computed from that
-    layer's q/k by hooks (the official code runs that layer eagerly); later stages never drop it.
-    ``order="spatial"`` keeps the merged token in its window's last (bottom-right) place, raster order;
+    batch minimum count). The key set is, per crop (LLaVA-1.5: the image; LLaVA-NeXT: the base image and each
+    crop, 8% of each, as the official code selects it per crop), the top ``ceil(key_ratio * n_c)`` of the crop's
+    n_c remaining patches by the CLS attention (softmax over the merged sequence, heads averaged) of the last ViT
+    layer, computed from that layer's q/k by hooks (the official code runs that layer eagerly); later stages never
+    drop it. ``order="spatial"`` keeps the merged token in its window's last (bottom-right) place, raster order;
     ``order="official"`` emits merged tokens first in descending window similarity, then the others (the official
-    code's order). Shapes: ViT sequence (S, D) -> (S', D); decoder tokens N -> N - 8 * merged windows.
+    code's order); the key set follows its tokens into their new slots. With a ``budget`` that covers an image
+    (``Budget.covers``: keep >= its visual tokens, or keep_ratio=1), that image is not merged.
+    Shapes: ViT sequence (S, D) -> (S', D); decoder tokens N -> N - 8 * merged windows.
     """
 
     name = "mustdrop_vision"
@@ -58,6 +62,7 @@ class MustDropVision(Method):
     key_ratio: float = 0.08
     merge_after: int = 0
     order: str = "spatial"
+    budget: Budget | None = None  # a budget that covers an image turns the merge off for it (no pruning at all)
     rope_positions: str = "contiguous"  # merged-away tokens leave no gap (the official merged sequence is shorter)
 
     def merge_layer(self, n_vision_layers: int) -> int | None:
@@ -69,16 +74,26 @@ class MustDropVision(Method):
     def vision_layers(self, n_vision_layers: int, feature_layer: int) -> list[int]:
         return [n_vision_layers - 1] if self.key_set else []
 
-    def select(self, image: ImageTokens) -> ImageSelection | None:
+    def merges(self, n_visual: int) -> bool:
+        return self.budget is None or not self.budget.covers(n_visual)
+
+    def key_tokens(self, image: ImageTokens) -> torch.Tensor:
+        """The key set: per crop (the base image and each AnyRes crop, as the official code offsets its indices by
+        crop), the top ``ceil(key_ratio * n_c)`` of the crop's n_c patches by the last ViT layer's CLS attention.
+        Returns (P,) token indices, ascending."""
         lay = image.layout
-        n = image.n
-        keep = torch.arange(n)
-        protect = None
-        if self.key_set:
-            patch = (lay.kind == TOKEN_PATCH).nonzero().squeeze(1)
-            k = int(math.ceil(self.key_ratio * patch.numel() - 1e-9))
-            scores = image.cls_attention(-1)  # (N,) merged tokens once each (the decoder input is de-duplicated)
-            protect = patch[topk_sorted(scores[patch], k)]
+        patch = (lay.kind == TOKEN_PATCH).nonzero().squeeze(1)
+        scores = image.cls_attention(-1)  # (N,) merged tokens once each (the decoder input is de-duplicated)
+        picks = []
+        for c in lay.crop[patch].unique().tolist():
+            toks = patch[lay.crop[patch] == c]
+            k = int(math.ceil(self.key_ratio * toks.numel() - 1e-9))
+            picks.append(toks[topk_sorted(scores[toks], k)])
+        return torch.cat(picks).sort().values if picks else patch[:0]
+
+    def select(self, image: ImageTokens) -> ImageSelection | None:
+        keep = torch.arange(image.n)
+        protect = self.key_tokens(image) if self.key_set else None
         feats = None
         if self.order == "official" and self.merging:
             merged = image.merge_score  # window similarity of the merged tokens (NaN: not merged)
@@ -86,8 +101,12 @@ class MustDropVision(Method):
                 is_m = ~torch.isnan(merged)
                 first = is_m.nonzero().squeeze(1)
                 first = first[torch.sort(merged[first], descending=True, stable=True).indices]
-                order = torch.cat([first, (~is_m).nonzero().squeeze(1)])
+                order = torch.cat([first, (~is_m).nonzero().squeeze(1)])  # slot j carries token order[j]
                 feats = image.features[order.to(image.features.device)]
+                if protect is not None:  # the key set moves with its tokens' features
+                    slot = torch.empty_like(order)
+                    slot[order] = torch.arange(order.numel())
+                    protect = slot[protect].sort().values
         if protect is None and feats is None:
             return None
         return ImageSelection(keep=keep, features=feats, protect=protect)
@@ -198,8 +217,11 @@ class OutputAwareCache(Method):
     """MustDrop's decode stage, the output-aware cache policy as the official code implements it: after prefill,
     the KV cache of the layers that still hold visual tokens dropped later in the prefill is cut to the visual
     tokens that reached the last layer, so decoding attends over the final survivors only. Layers from
-    ``from_layer`` on are cut; None means from the layer before the first layer whose visual tokens differ from the
-    decoder input's (the first scoring layer: 2 of 32 for MustDrop, whose layers 0-1 keep their full cache).
+    ``from_layer`` on are cut. ``filter_layers`` (0-based scoring layers of a ``ref_depth``-layer decoder, scaled to
+    the host's depth as ``MustDropFilter`` scales them) means from the first of them, whether or not that layer
+    dropped anything, as the official code always cuts from its first filtering layer (2 of 32; layers 0-1 keep
+    their full cache): ``MustDrop`` builds it so. With neither, the cut starts at the layer before the first layer
+    whose visual tokens differ from the decoder input's.
     Composable with any method that prunes inside the decoder:
     ``vlprune.apply(model, [vlprune.get_method("fastv", keep=64), vlprune.methods.OutputAwareCache()])``.
     The paper describes the policy as output-aware; the released code does exactly this cut and no scoring with
@@ -214,6 +236,8 @@ class OutputAwareCache(Method):
     name = "mustdrop_kv"
     stages = (Stage.KV_CACHE,)
     from_layer: int | None = None
+    filter_layers: tuple | None = None
+    ref_depth: int = 32
 
     def __post_init__(self):
         if self.from_layer is not None and (isinstance(self.from_layer, bool) or not isinstance(self.from_layer, int)
@@ -227,6 +251,8 @@ class OutputAwareCache(Method):
         b = last_orig.shape[0]
         survivors = [last_orig[i][last_vis[i]] for i in range(b)]
         start = self.from_layer
+        if start is None and self.filter_layers:
+            start = scale_score_layers(tuple(self.filter_layers), self.ref_depth, n)[0]
         if start is None:
             first = next((l for l in range(1, n) if ctx.visual[l].sum() != ctx.visual[0].sum()
                           or ctx.visual[l].shape != ctx.visual[0].shape), None)
@@ -258,9 +284,18 @@ class MustDrop(Compose):
     3. decode (``OutputAwareCache``): the KV cache of the pruning layers cut to the final survivors.
 
     ``vision`` / ``prefill`` / ``decode`` switch stages off (``merging`` and ``key_set`` the vision stage's two
-    parts; the key set only matters to the prefill stage). Token counts are adaptive: ``vlprune.stats`` reports the final count (``kept_positions``) and the
-    layer-averaged "equivalent tokens" (``equivalent_tokens``) that the paper quotes. LLaVA-NeXT runs on the
-    host's own packed layout (the official code forces a flat layout without unpadding or newline tokens).
+    parts; the key set only matters to the prefill stage). Token counts are adaptive: ``vlprune.stats`` reports the
+    final count (``kept_positions``), vlprune's layer-averaged count (``equivalent_tokens``: mean visual tokens
+    entering each decoder layer) and, beside it, the count the official code prints
+    (``equivalent_tokens_official``: the visual tokens each layer leaves, a pruning layer counted after its
+    pruning, averaged over the layers and divided by the image's views: 1 for LLaVA-1.5, base + crops for
+    LLaVA-NeXT). Which of the two the paper's "192 / 128 / 64 tokens" are could not be checked against the paper's
+    text; the released scripts print the second. LLaVA-NeXT runs on the host's own packed layout (the official
+    code forces a flat layout without unpadding or newline tokens); the key set is chosen per view (8% of each).
+
+    Budgets: with ``keep`` / ``keep_ratio`` the prefill stage keeps that many tokens; a budget at or above an
+    image's visual tokens prunes nothing at all (no merge either), as for every method. Without a budget (the
+    presets) every stage runs.
 
     RoPE positions: ``rope_positions="contiguous"`` (default, the official code's) renumbers the sequence without
     gaps after the merge and after each filter, and decode steps continue each layer's numbering (see
@@ -322,6 +357,7 @@ class MustDrop(Compose):
         if self.vision and (self.merging or self.key_set):
             parts.append(MustDropVision(merging=self.merging, key_set=self.key_set and self.prefill,
                                         threshold=self.threshold, key_ratio=self.key_ratio, order=self.order,
+                                        budget=as_budget(self.keep, self.keep_ratio),
                                         rope_positions=self.rope_positions))
         if self.prefill:
             parts.append(MustDropFilter(keep=self.keep, keep_ratio=self.keep_ratio, preset=self.preset,
@@ -329,7 +365,8 @@ class MustDrop(Compose):
                                         layers=self.layers, ref_depth=self.ref_depth,
                                         rope_positions=self.rope_positions))
         if self.decode:
-            parts.append(OutputAwareCache())
+            parts.append(OutputAwareCache(filter_layers=self.layers if self.prefill else None,
+                                          ref_depth=self.ref_depth))
         if not parts:
             raise ValueError("mustdrop: the chosen switches leave no stage to run")
         Compose.__init__(self, parts)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from ..budget import Budget
 from ..registry import register_method
 from .base import (TOKEN_CLS, TOKEN_NEWLINE, TOKEN_PATCH, BudgetMixin, HostInfo, ImageSelection, ImageTokens,
-                   LayerContext, Method, Stage, check_positions, padded_rows)
+                   LayerContext, Method, Stage, check_newlines, check_positions, padded_rows, patch_selection,
+                   split_budget)
 
 DIVERSITY = ("max_sum", "k_center")
 
@@ -26,12 +27,12 @@ def greedy_max_sum(x: torch.Tensor, k: int, pivot: int) -> torch.Tensor:
         return torch.empty(0, dtype=torch.long)
     xn = F.normalize(x.float(), dim=-1)
     chosen = [int(pivot)]
-    s = xn @ xn[pivot]  # (N,) summed similarity to the chosen set
+    s = (xn @ xn[pivot, :, None])[:, 0]  # (N,) summed similarity to the chosen set
     s[pivot] = float("inf")
     for _ in range(k - 1):
         c = int(torch.argmin(s))
         chosen.append(c)
-        s = s + xn @ xn[c]  # chosen tokens stay at +inf
+        s = s + (xn @ xn[c, :, None])[:, 0]  # chosen tokens stay at +inf
         s[c] = float("inf")
     return torch.tensor(chosen, dtype=torch.long)
 
@@ -45,14 +46,20 @@ def greedy_k_center(x: torch.Tensor, k: int, pivot: int) -> torch.Tensor:
         return torch.empty(0, dtype=torch.long)
     xn = F.normalize(x.float(), dim=-1)
     chosen = [int(pivot)]
-    dist = 1.0 - xn @ xn[pivot]  # (N,) distance to the nearest chosen token
+    dist = 1.0 - (xn @ xn[pivot, :, None])[:, 0]  # (N,) distance to the nearest chosen token
     dist[pivot] = float("-inf")
     for _ in range(k - 1):
         c = int(torch.argmax(dist))
         chosen.append(c)
-        dist = torch.minimum(dist, 1.0 - xn @ xn[c])  # chosen tokens stay at -inf
+        dist = torch.minimum(dist, 1.0 - (xn @ xn[c, :, None])[:, 0])  # chosen tokens stay at -inf
         dist[c] = float("-inf")
     return torch.tensor(chosen, dtype=torch.long)
+
+
+def greedy_flops(n: int, d: int, k: int) -> float:
+    """FLOPs (2 x MACs) of ``greedy_max_sum`` / ``greedy_k_center`` choosing k of n d-dimensional tokens: one
+    (n, d) x (d, 1) product per chosen token, 2*n*d*k (17 GFLOPs for LLaVA-NeXT's 2880 tokens of 4096 at k=720)."""
+    return 2.0 * n * d * max(0, min(int(k), n))
 
 
 def modal_shares(probs_text: torch.Tensor, probs_visual: torch.Tensor, text: torch.Tensor, visual: torch.Tensor,
@@ -81,8 +88,11 @@ class ToDRE(BudgetMixin, Method):
     (softmax, heads averaged) in the last ViT layer (``pivot_layer``), taken over the thumbnail for AnyRes images
     (over all patches for LLaVA-1.5). ``diversity="max_sum"`` is v2's greedy max-sum (default; repeatedly add the
     token least similar in sum to those chosen); ``"k_center"`` is v1's greedy k-center (farthest point).
-    Kept tokens stay in raster order. Newline tokens of LLaVA-NeXT are not
-    candidates and are kept (``newlines="keep"``, outside the budget) or dropped (``"drop"``).
+    Kept tokens stay in raster order. Newline tokens of LLaVA-NeXT are not candidates; by default they are kept
+    and count in the budget (``newlines="count"``: 10% of a 2880-patch image keeps at most 288 tokens, newlines
+    included, the paper's "up to 288"), or kept on top of it (``"keep"``), or dropped (``"drop"``); see
+    ``vlprune.methods.base.split_budget``. A budget at or above the image's tokens (or ``keep_ratio=1``) keeps
+    everything. The greedy selection's matrix work (``greedy_flops``) is counted as the method's scoring cost.
 
     Stage 2 (inside the decoder): at decoder layer ``layer`` (default: the 1-based layer nearest 7L/8, i.e.
     0-based round(7L/8) - 1: 27 of 32), the share of the text queries' attention that lands on visual keys
@@ -99,7 +109,6 @@ class ToDRE(BudgetMixin, Method):
     default is what LLaVA-codebase code does after pre-LLM selection and what the official TransPrune and MustDrop
     codes do after pruning inside the decoder.
 
-
     ``stage1=False`` or ``stage2=False`` runs one stage alone (stage 2 alone needs no budget). ``row_chunk`` bounds
     the memory of the visual rows' attention (computed only for visual queries placed after some text token).
     Shapes: features (N, D) -> greedy over patches -> kept (K,); attention rows (B, H, R, T) -> shares (B, 2).
@@ -114,7 +123,7 @@ class ToDRE(BudgetMixin, Method):
     tau: float = 0.10
     layer: int | None = None
     pivot_layer: int = -1
-    newlines: str = "keep"
+    newlines: str = "count"
     rope_positions: str = "contiguous"
     row_chunk: int = 256
 
@@ -140,8 +149,7 @@ class ToDRE(BudgetMixin, Method):
         if isinstance(self.row_chunk, bool) or not isinstance(self.row_chunk, int) or self.row_chunk < 1:
             raise ValueError(f"todre: row_chunk (visual query rows per attention chunk) must be >= 1; "
                              f"got {self.row_chunk!r}")
-        if self.newlines not in ("keep", "drop"):
-            raise ValueError(f"todre: newlines must be 'keep' or 'drop'; got {self.newlines!r}")
+        check_newlines(self.name, self.newlines)
         check_positions(self.name, self.rope_positions)
 
     def check(self, info: HostInfo) -> None:
@@ -168,21 +176,21 @@ class ToDRE(BudgetMixin, Method):
             return None
         lay = image.layout
         patch = (lay.kind == TOKEN_PATCH).nonzero().squeeze(1)
-        k = self.budget.resolve(patch.numel())
-        fixed = [(lay.kind == TOKEN_CLS).nonzero().squeeze(1)]
-        if self.newlines == "keep":
-            fixed.append((lay.kind == TOKEN_NEWLINE).nonzero().squeeze(1))
+        if self.budget.covers(lay.n):
+            return None
+        # keep=<tokens> counts every visual token; keep_ratio is a share of the patches (the papers' "10% of 2880")
+        total = self.budget.keep if self.budget.keep is not None else self.budget.resolve(patch.numel())
+        fixed, k = split_budget(lay, total, self.newlines)
         if k >= patch.numel():
-            if self.newlines == "keep":
-                return None
-            return ImageSelection(keep=torch.cat(fixed + [patch]).sort().values)
+            return patch_selection(lay, fixed, [patch], budget=total)
         attn = image.cls_attention(self.pivot_layer)  # (N,)
         pool = patch[lay.crop[patch] == 0] if lay.tiles is not None else patch  # the thumbnail for AnyRes
         pivot_tok = pool[torch.argmax(torch.nan_to_num(attn[pool], nan=float("-inf")))]
         pivot = int((patch == pivot_tok).nonzero()[0, 0])
         pick = greedy_max_sum if self.diversity == "max_sum" else greedy_k_center
         chosen = pick(image.features[patch.to(image.features.device)], k, pivot)
-        return ImageSelection(keep=torch.cat(fixed + [patch[chosen.cpu()]]).sort().values)
+        return patch_selection(lay, fixed, [patch[chosen.cpu()]], budget=total,
+                               flops=greedy_flops(patch.numel(), image.features.shape[-1], k))
 
     # -- stage 2
     def score_layers(self, n_layers: int) -> list[int]:
