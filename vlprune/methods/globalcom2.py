@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ..budget import Budget
 from ..ops import topk_sorted
 from ..registry import register_method
-from .base import (NEWLINES, TOKEN_PATCH, BudgetMixin, HostInfo, ImageSelection, ImageTokens, Method, Stage,
+from .base import (TOKEN_PATCH, BudgetMixin, HostInfo, ImageSelection, ImageTokens, Method, Stage,
                    check_newlines, check_positions, patch_selection, split_budget)
 
 ORDERS = ("raster", "score")

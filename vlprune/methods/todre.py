@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..budget import Budget
 from ..registry import register_method
-from .base import (TOKEN_CLS, TOKEN_NEWLINE, TOKEN_PATCH, BudgetMixin, HostInfo, ImageSelection, ImageTokens,
+from .base import (TOKEN_PATCH, BudgetMixin, HostInfo, ImageSelection, ImageTokens,
                    LayerContext, Method, Stage, check_newlines, check_positions, padded_rows, patch_selection,
                    split_budget)
 
