@@ -456,7 +456,7 @@ def _measure(model, prompter, items, cfg, max_new_tokens, device) -> dict:
     tok = prompter.processor.tokenizer
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    pre, e2e, tfl_pre, tfl_gen, vis, eq, kv = [], [], [], [], [], [], []
+    pre, e2e, tfl_pre, tfl_gen, vis, eq, eq_off, kv = [], [], [], [], [], [], [], []
 
     def one_pass(timed: bool, read: bool) -> None:
         with torch.inference_mode():
@@ -470,6 +470,8 @@ def _measure(model, prompter, items, cfg, max_new_tokens, device) -> dict:
                     tfl_pre.append(s["cost"].tflops)
                     vis.append(s["visual_per_layer"][0])
                     eq.append(s["equivalent_tokens"][0])
+                    if s.get("equivalent_tokens_official"):
+                        eq_off.append(s["equivalent_tokens_official"][0])
                 t2 = time.perf_counter()
                 _generate(model, inputs, max_new_tokens, tok.pad_token_id)
                 sync(); t3 = time.perf_counter()
@@ -500,6 +502,7 @@ def _measure(model, prompter, items, cfg, max_new_tokens, device) -> dict:
     return dict(config=cfg.key, prefill_s=statistics.median(pre), e2e_s=statistics.median(e2e),
                 tflops_prefill=statistics.fmean(tfl_pre), tflops_generate=statistics.fmean(tfl_gen),
                 visual_per_layer=layers, equivalent_tokens=statistics.fmean(eq),
+                equivalent_tokens_official=statistics.fmean(eq_off) if eq_off else None,
                 kv_cache_kib=statistics.fmean(kv) / 1024 if kv else None,
                 peak_memory_mib=peak, peak_memory_kind="cuda allocated" if cuda else "process RSS",
                 latency_samples=len(pre))
@@ -609,6 +612,18 @@ def blind_row(bench: Benchmark, seed: int, n_train: int = BLIND_TRAIN) -> dict |
                 n_train=b["n_train"])
 
 
+def _fmt_equivalent(r: dict) -> str:
+    """vlprune's equivalent tokens (tokens entering each decoder layer, averaged), and in parentheses the count
+    the MustDrop / SparseVLM codes print where it differs (tokens leaving each layer, divided by views)."""
+    if "equivalent_tokens" not in r:
+        return "-"
+    cell = f"{r['equivalent_tokens']:.1f}"
+    off = r.get("equivalent_tokens_official")
+    if off is not None and abs(off - r["equivalent_tokens"]) >= 0.05:
+        cell += f" ({off:.1f})"
+    return cell
+
+
 def markdown(rows: list[dict], meta: dict, blind: dict | None = None) -> str:
     """The results table (accuracy with its interval, paired differences, the blind row, cost and time), the
     per-family table (with the blind and chance rows) when there are several families, and a note."""
@@ -622,7 +637,7 @@ def markdown(rows: list[dict], meta: dict, blind: dict | None = None) -> str:
         cells = [r["method"], budget_label(r["keep"]), fmt_accuracy(r["accuracy"], r.get("accuracy_ci")),
                  fmt_difference(r.get("vs_unpruned")), fmt_versus(r.get("vs_random")),
                  f"{r['agreement']:.1f}",
-                 f"{r['equivalent_tokens']:.1f}" if "equivalent_tokens" in r else "-",
+                 _fmt_equivalent(r),
                  f"{r['tflops_prefill']:.4f}" if "tflops_prefill" in r else "-",
                  f"{1000 * r['prefill_s']:.1f}" if "prefill_s" in r else "-",
                  f"{1000 * r['e2e_s']:.1f}" if "e2e_s" in r else "-",
@@ -658,7 +673,8 @@ def markdown(rows: list[dict], meta: dict, blind: dict | None = None) -> str:
             f"its 95% interval, and the exact McNemar test: 'no difference' unless p < {ALPHA} (such methods are "
             f"not ranked); {blind_note}; latency is the batch-1 median on {meta['device']} ({meta['processes']} "
             f"process(es)); KV KiB: the KV cache after generating, mean per sample (cost model, the cache's "
-            f"dtype).\n")
+            f"dtype); equiv. tokens: visual tokens entering each decoder layer, averaged over layers, with the count the "
+            f"MustDrop / SparseVLM codes print in parentheses where it differs.\n")
     if meta.get("grid_note"):
         note += f"\n{meta['grid_note']}\n"
     return "\n".join(lines) + "\n" + note

@@ -503,3 +503,14 @@ def test_summary_merges_runs_of_two_models(tmp_path):
     assert "| a | blind (question only) | - | n/a |" in md
     assert (out / "accuracy_vs_tflops.png").stat().st_size > 0
     assert summary_main([str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_equivalent_tokens_show_the_official_count_where_it_differs():
+    """MustDrop's two counts: vlprune's (tokens entering each layer) and, in parentheses, the one the official
+    code prints; a method whose counts agree shows one number."""
+    from evals.run import _fmt_equivalent
+
+    assert _fmt_equivalent({"equivalent_tokens": 160.25, "equivalent_tokens_official": 131.5}) == "160.2 (131.5)"
+    assert _fmt_equivalent({"equivalent_tokens": 64.0, "equivalent_tokens_official": 64.0}) == "64.0"
+    assert _fmt_equivalent({"equivalent_tokens": 64.0, "equivalent_tokens_official": None}) == "64.0"
+    assert _fmt_equivalent({}) == "-"
