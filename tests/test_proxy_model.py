@@ -129,8 +129,14 @@ def test_vision_from_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--projector-scale", "-2"])
     assert "--projector-scale -2.0 is not positive" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        main(["--out", str(tmp_path), "--vision-from", str(tmp_path / "nowhere"), "--steps", "1", "--eval-n", "0",
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:   # refused before anything is built
+        main(["--out", str(tmp_path / "run"), "--vision-from", str(tmp_path / "nowhere"), "--steps", "1",
+              "--eval-n", "0", "--next-steps", "0", "--device", "cpu"])
+    assert e.value.code == 2 and "nowhere' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):   # a folder, but not a saved model
+        main(["--out", str(tmp_path / "run"), "--vision-from", str(tmp_path), "--steps", "1", "--eval-n", "0",
               "--next-steps", "0", "--device", "cpu"])
 
 

@@ -95,7 +95,7 @@ def test_one_step_of_oracle_training_runs(tmp_path, capsys):
     assert '"step": 1' in lines[-1] and '"lm"' in lines[-1]
     with pytest.raises(SystemExit):
         main(["--steps", "0"])
-    assert "--steps 0 must be at least 1" in capsys.readouterr().err
+    assert "--steps: '0' must be a whole number of at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--embed-std", "-1"])
     assert "--embed-std -1.0 is negative" in capsys.readouterr().err
