@@ -159,7 +159,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="image folder for a JSONL benchmark (default: its folder)")
     ap.add_argument("--full", action="store_true",
                     help=f"the full grid: methods {FULL_METHODS}, budgets {FULL_KEEP}, {FULL_N} samples and "
-                         f"{FULL_LATENCY} timed samples per configuration (tens of minutes on a 2-core CPU); "
+                         f"{FULL_LATENCY} timed samples per configuration (about 1.5 min on this project's 2-core CPU, "
+                         f"longer without native bfloat16); "
                          f"--methods, --keep, --n and --latency-samples still override")
     ap.add_argument("--methods", default=None, type=method_list,
                     help=f"comma-separated registered methods (default {DEFAULT_METHODS}; --full: {FULL_METHODS})")
@@ -743,7 +744,8 @@ def _grid_note(args) -> str:
         return f"Full grid (`--full`): {args.n} samples, {args.latency_samples} timed samples per configuration."
     return (f"Quick grid: {args.n} samples and {args.latency_samples} timed samples per configuration, so intervals "
             f"are wide. The full grid (methods {FULL_METHODS}, budgets {FULL_KEEP}, {FULL_N} samples, "
-            f"{FULL_LATENCY} timed samples; tens of minutes on a 2-core CPU): `vlprune eval --full`.")
+            f"{FULL_LATENCY} timed samples; about 1.5 min on this project's 2-core CPU, longer without native "
+            f"bfloat16): `vlprune eval --full`.")
 
 
 def run(args: argparse.Namespace) -> dict:
