@@ -88,6 +88,8 @@ from typing import Sequence
 
 import torch
 
+from .testing import _CLIP_MEAN, _CLIP_STD
+
 __all__ = [
     "QWEN_SPECIAL",
     "ONEVISION_SPECIAL",
@@ -137,26 +139,17 @@ ONEVISION_PATCH = 14          # 8 x 8 = 64 tokens per view, no CLS
 ONEVISION_PINPOINTS = [[ONEVISION_SIZE * i, ONEVISION_SIZE * j] for i in range(1, 5) for j in range(1, 5)]
 _SIGLIP_MEAN = [0.5, 0.5, 0.5]
 _SIGLIP_STD = [0.5, 0.5, 0.5]
-_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def make_host_tokenizer(special: Sequence[str], named: dict | None = None, vocab_size: int = 320):
     """A byte-level BPE tokenizer trained offline on ``CORPUS``: ``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<pad>``=3,
     then ``special`` in order (4, 5, ...). ``named`` maps attribute names (``image_token``...) to tokens in
     ``special``. No BOS is added (as Qwen's tokenizers). Deterministic."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", *special]
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        CORPUS,
-        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
-    )
+    from .testing import bpe_tokenizer
+
+    tok = bpe_tokenizer(CORPUS, ["<unk>", "<s>", "</s>", "<pad>", *special], vocab_size)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         extra_special_tokens=dict(named or {}), model_max_length=32768,

@@ -59,21 +59,29 @@ _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def make_tokenizer(vocab_size: int = 300, extra_special: Sequence[str] = ("<image>",)):
-    """A byte-level BPE tokenizer trained offline on ``CORPUS``: ``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<pad>``=3,
-    ``<image>``=4. Deterministic (the same corpus and settings always give the same vocabulary)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def bpe_tokenizer(corpus: Sequence[str], special: Sequence[str], vocab_size: int):
+    """A ``tokenizers.Tokenizer``: byte-level BPE trained offline on ``corpus``, ``special`` first (ids 0, 1, ...).
+    Deterministic (the same corpus and settings always give the same vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    special = ["<unk>", "<s>", "</s>", "<pad>", *extra_special]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
-        CORPUS,
-        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
+        corpus,
+        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special), show_progress=False,
                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
     )
+    return tok
+
+
+def make_tokenizer(vocab_size: int = 300, extra_special: Sequence[str] = ("<image>",)):
+    """A byte-level BPE tokenizer trained offline on ``CORPUS``: ``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<pad>``=3,
+    ``<image>``=4. Deterministic (the same corpus and settings always give the same vocabulary)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = bpe_tokenizer(CORPUS, ["<unk>", "<s>", "</s>", "<pad>", *extra_special], vocab_size)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
