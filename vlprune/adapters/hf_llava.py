@@ -1,18 +1,15 @@
 """Seams of transformers' LlavaForConditionalGeneration (LLaVA-1.5) and LlavaNextForConditionalGeneration (AnyRes).
 
-Everything here is torch hooks on the host's own modules (transformers 5.x): the attention kernel is never
-switched, no class is patched, and ``remove`` takes every hook off again.
-
-Hook points (see the class docstring of each hook):
-- vision tower: a pre-hook per encoder layer (tokens per layer) and forward hooks on q_proj / k_proj of the ViT
-  layers a method asks for (the CLS row's attention logits, computed for that row only);
-- multimodal model (``model.model``): a pre-hook that notes where the image tokens are in this call;
-- projector: a forward hook that counts rows (and, for PROJECTOR methods, the swapped-in module);
-- decoder (``language_model``): a pre-hook that applies PRE_LLM selections to ``inputs_embeds`` in prefill and
-  builds per-layer masks and positions for calls that continue a pruned cache; a forward hook that closes the
-  prefill (cache bookkeeping, KV_CACHE evictions);
-- each decoder layer: a pre-hook that prunes at the layers a method names and hands later layers the sliced
-  mask, RoPE cos/sin and position ids; q_proj / k_proj hooks on the layers a method scores with.
+This file describes the host; the runtime (every hook and what it does) is ``vlprune.engine``. What the host says:
+- decoder ``model.model.language_model`` and its ``layers``; rotary embedding ``language_model.rotary_emb`` (1-D
+  positions); the cache arrives as ``cache`` / ``past_key_values``;
+- vision tower ``model.model.vision_tower`` (``encoder.layers``), feature layer and select strategy from the config;
+- projector ``model.model.multi_modal_projector`` (swapped for a PROJECTOR method);
+- image tokens: ``input_ids == config.image_token_id`` at ``model.model``'s input (the engine's ``_mm_pre``), image
+  sizes and count where the host's own ``get_image_features`` receives them (wrapped on the instance);
+- layouts: LLaVA-1.5 one s x s grid per image (the CLS first with strategy "full"); LLaVA-NeXT the base view then
+  the AnyRes crops as one unpadded grid with a newline per row, using transformers' own
+  ``get_anyres_image_grid_shape`` / ``image_size_to_num_patches`` / ``unpad_image``.
 
 Legend: B batch, T sequence, N visual tokens, D hidden, H heads, K kept.
 """
