@@ -1,5 +1,11 @@
 """Token positions under pruning: what kept tokens' positions become, for 1-D RoPE position ids (B, T).
 
+Where positions are touched (all 1-D today): ``PrefillRuntime._prefill`` (kept tokens' ids after a PRE_LLM drop,
+``Selection.apply`` on (B, T), renumbered under "contiguous"), ``PrefillRuntime._continue`` (later calls on a pruned
+cache: ids minus the tokens dropped), ``LayerRuntime._layer_pre`` (ids and cos/sin sliced at a pruned layer,
+``Engine.rotary`` for renumbered ones). A multi-axis host (M-RoPE, position ids (3, B, T)) gathers each axis with
+the same Selection along dim 2 and shifts every axis alike; its rope deltas move with them.
+
 Legend: B batch, T sequence, K kept.
 """
 from __future__ import annotations
