@@ -32,8 +32,8 @@ import types
 
 import torch
 
+from ..engine import Engine, anyres_layout, base_newline_layout, single_view_layouts, vision_layers_of
 from .base import register_adapter
-from .hf_llava import HFLlavaAdapter, _vision_layers_of
 
 IGNORE_INDEX = -100  # llava.constants.IGNORE_INDEX
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX
@@ -74,7 +74,7 @@ def _per_image_crops(images) -> list[int]:
 
 
 @register_adapter
-class LlavaRepoAdapter(HFLlavaAdapter):
+class LlavaRepoAdapter(Engine):
     """The LLaVA codebase's ``LlavaLlamaForCausalLM`` (and its Mistral variant, same seams)."""
 
     supported = "LLaVA codebase (llava-torch) LlavaLlamaForCausalLM / LlavaMistralForCausalLM, LLaVA-1.5 and 1.6 AnyRes"
@@ -84,7 +84,7 @@ class LlavaRepoAdapter(HFLlavaAdapter):
         meta = _llava_meta_class()  # no import of llava here: a model of that class means it is imported
         return meta is not None and isinstance(model, meta)
 
-    def __init__(self, model):  # noqa: super().__init__ reads transformers' Llava layout; this host has its own
+    def __init__(self, model):
         _check_transformers()
         self.model = model
         self.base = model.get_model()  # LlavaLlamaModel: a LlamaModel with vision_tower and mm_projector
@@ -99,7 +99,7 @@ class LlavaRepoAdapter(HFLlavaAdapter):
             )
         self.tower = tower
         self.vision = tower.vision_tower  # transformers CLIPVisionModel
-        self.vision_layers = _vision_layers_of(self.vision)
+        self.vision_layers = vision_layers_of(self.vision)
         self.tcfg = self.config
         self.vcfg = tower.config
         aspect = getattr(self.config, "image_aspect_ratio", "square")
@@ -115,7 +115,7 @@ class LlavaRepoAdapter(HFLlavaAdapter):
             raise ValueError(f"mm_vision_select_feature must be 'patch' or 'cls_patch'; got {feature!r}")
         self.strategy = "default" if feature == "patch" else "full"
         fl = int(getattr(self.config, "mm_vision_select_layer", -2))
-        self._init_geometry(fl)
+        self.init_geometry(fl)
         self.cost_config = types.SimpleNamespace(
             text_config=self.config, vision_config=self.vcfg, vision_feature_layer=fl,
             projector_linears=self._projector_linears(self.base.mm_projector),
@@ -127,10 +127,10 @@ class LlavaRepoAdapter(HFLlavaAdapter):
         return linears or None
 
     # ------------------------------------------------------------------------------------------------ host specifics
-    def _get_projector(self):
+    def get_projector(self):
         return self.base.mm_projector
 
-    def _set_projector(self, module) -> None:
+    def set_projector(self, module) -> None:
         self.base.mm_projector = module
         lin = self._projector_linears(module)
         self.cost_config.projector_linears = lin
@@ -150,11 +150,11 @@ class LlavaRepoAdapter(HFLlavaAdapter):
         if crops is None:
             crops = [1] * n_images
         if all(c == 1 for c in crops) and not self.unpad:
-            return super().layouts(n_images, None)  # LLaVA-1.5: N patch tokens per image
+            return single_view_layouts(n_images, self.side, self.strategy == "full", self.get_projector())  # LLaVA-1.5
         out = []
         for i, c in enumerate(crops):
             if c == 1:
-                if getattr(self._get_projector(), "n_visual_tokens", None) not in (None, self.side * self.side):
+                if getattr(self.get_projector(), "n_visual_tokens", None) not in (None, self.side * self.side):
                     raise ValueError("a learned projector (PROJECTOR stage) is supported on LLaVA-1.5 layouts only")
                 lay = self._single_view_layout()
             elif not self.anyres:
@@ -178,18 +178,19 @@ class LlavaRepoAdapter(HFLlavaAdapter):
 
     def _single_view_layout(self):
         """One view with ``spatial_unpad``: the base grid and one newline (LLaVA-1.6 with a single view)."""
-        from ..methods.base import TOKEN_NEWLINE, TOKEN_PATCH, ImageLayout, Partition
-
-        s = self.side
         if self.strategy != "default":
             raise ValueError(f"spatial_unpad needs mm_vision_select_feature='patch'; got {self.strategy!r}")
-        kind = torch.cat([torch.full((s * s,), TOKEN_PATCH), torch.tensor([TOKEN_NEWLINE])])
-        crop = torch.cat([torch.zeros(s * s, dtype=torch.long), torch.tensor([-1])])
-        vit = torch.cat([torch.arange(1, s * s + 1), torch.tensor([-1])])
-        return ImageLayout(kind=kind, crop=crop, vit_index=vit, partitions=[Partition("base", torch.arange(s * s), (s, s))],
-                           n_crops=1, crop_grid=torch.full((kind.numel(), 2), -1, dtype=torch.long), tiles=None)
+        return base_newline_layout(self.side)
 
-    def _attach_inputs(self, state) -> None:
+    def _anyres_layout(self, image_size):
+        if self.strategy != "default":
+            raise ValueError(
+                f"vlprune supports LLaVA-NeXT with vision_feature_select_strategy='default'; got {self.strategy!r}"
+            )
+        n_crops, tiles = self._anyres_tiles(image_size)
+        return anyres_layout(self.side, n_crops, tiles, lambda grid: self._unpad(grid, image_size))
+
+    def attach_inputs(self, state) -> None:
         original = self.model.prepare_inputs_labels_for_multimodal
         model = self.model
 
