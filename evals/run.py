@@ -766,7 +766,7 @@ def run(args: argparse.Namespace) -> dict:
         pass
     proxy = args.model in PROXY_MODELS
     bench_spec = args.benchmark or ("proxy-next" if args.model == "proxy-next" else "proxy")
-    methods = _csv(",".join(args.methods), "methods") if not isinstance(args.methods, str) else _csv(args.methods, "methods")
+    methods = _csv(args.methods, "methods") if isinstance(args.methods, str) else list(args.methods)
     keeps = parse_keep(args.keep) if isinstance(args.keep, str) else list(args.keep)
     params = parse_params(args.param)
     bench = load_benchmark(bench_spec, args.n, args.seed, args.images, args.format)

@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["Parser", "fail", "positive_int", "nonneg_int", "int_range", "positive_float", "nonneg_float", "device_name", "unit_share",
-           "existing_path", "existing_file", "choice_list", "method_name", "method_list", "known_methods", "did_you_mean"]
+__all__ = ["Parser", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "device_name", "existing_path",
+           "existing_file", "method_name", "method_list", "known_methods", "did_you_mean"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -22,12 +22,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
-
-
-def fail(prog: str, message: str, code: int = 2):
-    """Print ``prog: error: message`` on stderr and exit with ``code`` (2: a refused argument)."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    raise SystemExit(code)
 
 
 def did_you_mean(value: str, allowed: Sequence[str]) -> str:
@@ -58,34 +52,23 @@ def nonneg_int(text: str) -> int:
     return v
 
 
-def int_range(lo: int, hi: int) -> Callable[[str], int]:
-    """A whole number in [lo, hi]."""
-
-    def check(text: str) -> int:
-        v = _int(text)
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{text!r} must be a whole number from {lo} to {hi}")
-        return v
-
-    check.__name__ = f"int in [{lo}, {hi}]"
-    return check
-
-
-def positive_float(text: str) -> float:
+def _float(text: str) -> float:
     try:
         v = float(text)
     except (TypeError, ValueError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0 or v != v or v == float("inf"):
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = _float(text)
+    if not v > 0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above 0")
     return v
 
 
 def nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    v = _float(text)
     if not v >= 0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of at least 0")
     return v
@@ -108,17 +91,6 @@ def device_name(text: str) -> str:
     return name
 
 
-def unit_share(text: str) -> float:
-    """A share in (0, 1]."""
-    try:
-        v = float(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a share in (0, 1], e.g. 0.2") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a share in (0, 1], e.g. 0.2")
-    return v
-
-
 def existing_path(text: str) -> str:
     if not os.path.exists(text):
         raise argparse.ArgumentTypeError(f"{text!r} does not exist; give the path of an existing file or folder")
@@ -130,22 +102,6 @@ def existing_file(text: str) -> str:
         what = "is a folder" if os.path.isdir(text) else "does not exist"
         raise argparse.ArgumentTypeError(f"{text!r} {what}; give the path of an existing file")
     return text
-
-
-def choice_list(allowed: Sequence[str], what: str = "value") -> Callable[[str], list[str]]:
-    """A comma-separated list whose items are each one of ``allowed``."""
-
-    def check(text: str) -> list[str]:
-        items = [p.strip() for p in str(text).split(",") if p.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"empty {what} list; give one or more of {', '.join(allowed)}")
-        for it in items:
-            if it not in allowed:
-                raise argparse.ArgumentTypeError(f"unknown {what} {it!r}{did_you_mean(it, allowed)}; "
-                                                 f"choose from {', '.join(allowed)}")
-        return items
-
-    return check
 
 
 def known_methods() -> tuple[str, ...]:

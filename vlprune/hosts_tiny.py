@@ -88,7 +88,7 @@ from typing import Sequence
 
 import torch
 
-from .testing import _CLIP_MEAN, _CLIP_STD
+from .testing import _CLIP_MEAN, _CLIP_STD, _build
 
 __all__ = [
     "QWEN_SPECIAL",
@@ -175,15 +175,6 @@ def _without_video_processor(proc_cls, **kwargs):
     finally:
         del proc.check_argument_for_proper_class
     return proc
-
-
-def _build(model_cls, config, seed: int, attn: str):
-    """Random weights from a private RNG stream seeded by ``seed``; the caller's RNG state is untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config)
-    model.set_attn_implementation(attn)
-    return model.eval()
 
 
 def _text_kwargs(tok, **overrides):

@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlprune.precision import native_bf16
+
 from . import model as pm
 from .scenes import (COMBOS, N_PATCH_CLASSES, make_scene, patch_labels, ref_patches, render, scene_targets,
                      train_turns)
@@ -221,17 +223,10 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes in bfloat16 natively (see :func:`vlprune.precision.native_bf16`). Elsewhere bf16
-    autocast is emulated: on a 2-core AVX2 CPU one forward and backward pass of the proxy's vision tower over 16
-    images took 40-48 s under bf16 autocast against 5-6 s in float32."""
-    from vlprune.precision import native_bf16 as _native
-
-    return _native(device)
-
-
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """``--precision``: "bf16" and "fp32" as asked, "auto" bf16 autocast where :func:`native_bf16` holds."""
+    """``--precision``: "bf16" and "fp32" as asked, "auto" bf16 autocast where :func:`native_bf16` holds. Elsewhere
+    bf16 autocast is emulated: on a 2-core AVX2 CPU one forward and backward pass of the proxy's vision tower over 16
+    images took 40-48 s under bf16 autocast against 5-6 s in float32."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision {precision!r} is not 'auto', 'bf16' or 'fp32'")
     return native_bf16(device) if precision == "auto" else precision == "bf16"
