@@ -92,6 +92,8 @@ class Engine(VisionRuntime, PrefillRuntime, LayerRuntime, CacheRuntime):
             n_kv_heads=getattr(self.tcfg, "num_key_value_heads", None) or self.tcfg.num_attention_heads,
             hidden_size=self.tcfg.hidden_size,
             anyres=self.anyres,
+            cls_token=self.cls_token,
+            host=type(self.model).__name__,
         )
 
     # ------------------------------------------------------------------------------------------------ attach

@@ -21,15 +21,16 @@ def queries_layout(n_proj: int) -> ImageLayout:
                        partitions=[Partition("queries", torch.arange(n_proj), grid)], n_crops=1)
 
 
-def grid_layout(s: int, cls: bool) -> ImageLayout:
-    """One view of s x s patches in raster order (LLaVA-1.5), preceded by the CLS token where ``cls``."""
+def grid_layout(s: int, cls: bool, offset: int = 1) -> ImageLayout:
+    """One view of s x s patches in raster order (LLaVA-1.5), preceded by the CLS token where ``cls``. ``offset``:
+    the ViT sequence index of the first patch (1 behind a CLS token, 0 in a tower without one)."""
     if cls:
         kind = torch.cat([torch.tensor([TOKEN_CLS]), torch.full((s * s,), TOKEN_PATCH)])
         vit = torch.arange(s * s + 1)
         grid_tokens = torch.arange(1, s * s + 1)
     else:
         kind = torch.full((s * s,), TOKEN_PATCH)
-        vit = torch.arange(1, s * s + 1)
+        vit = torch.arange(offset, s * s + offset)
         grid_tokens = torch.arange(s * s)
     return ImageLayout(kind=kind, crop=torch.zeros_like(kind), vit_index=vit,
                        partitions=[Partition("image", grid_tokens, (s, s))], n_crops=1)

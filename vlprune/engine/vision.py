@@ -11,7 +11,7 @@ import time
 import torch
 
 from .. import cost
-from ..ops import cls_logits_from_qk, merge_batch
+from ..ops import cls_logits_from_qk, merge_batch, received_flops, received_logits
 from .selection import runs as _runs
 
 
@@ -32,7 +32,15 @@ def vision_layers_of(tower):
 
 
 class VisionRuntime:
-    """ViT-side hooks; mixed into :class:`vlprune.engine.Engine`."""
+    """ViT-side hooks; mixed into :class:`vlprune.engine.Engine`.
+
+    ``cls_token``: whether the tower's sequence starts with a CLS token. Without one (SigLIP, Qwen-VL's ViT) the
+    CLS-attention scores that methods read (``ImageTokens.cls_logits`` / ``cls_attention``) are replaced by the mean
+    attention each patch receives from all patches of its sequence in the same layer, as log-probabilities
+    (``ops.received_logits``): the rule of VisionZip and VisPruner for encoders without CLS.
+    """
+
+    cls_token = True
 
     def _vision_pre(self, state):
         def hook(mod, args):
@@ -69,11 +77,18 @@ class VisionRuntime:
             if q is None:
                 return
             t0 = time.perf_counter()
-            logits = cls_logits_from_qk(q, out, heads, scale)  # (Bv, H, S)
+            b, s, hd_all = out.shape
+            if self.cls_token:
+                logits = cls_logits_from_qk(q, out, heads, scale)  # (Bv, H, S)
+                state.run.scoring_flops += 2.0 * b * s * hd_all
+            else:  # no CLS row: the mean attention each patch receives (ops.received_logits)
+                hd = hd_all // heads
+                qh = q.reshape(b, s, heads, hd).transpose(1, 2)
+                kh = out.reshape(b, s, heads, hd).transpose(1, 2)
+                logits = received_logits(qh, kh, scale)
+                state.run.scoring_flops += received_flops(b, heads, s, hd)
             state.vision_logits[layer] = logits.detach()
             state.run.method_seconds += time.perf_counter() - t0
-            b, s, hd_all = out.shape
-            state.run.scoring_flops += 2.0 * b * s * hd_all
 
         return hook
 

@@ -444,6 +444,10 @@ class HostInfo:
     n_kv_heads: int
     hidden_size: int
     anyres: bool
+    # whether the vision tower has a CLS token; without one, "CLS attention" is the mean attention each patch
+    # receives (see ``vlprune.engine.vision.VisionRuntime``)
+    cls_token: bool = True
+    host: str = ""  # the host's class name, for messages of methods that refuse it
 
 
 @dataclass

@@ -69,7 +69,8 @@ class MustDropVision(Method):
         return self.merge_after if self.merging else None
 
     def merge(self, x: torch.Tensor, grid: tuple[int, int]):  # type: ignore[override]
-        return window_merge_plan(x, grid, self.window, self.threshold, prefix=1)
+        # tokens ahead of the patch grid (LLaVA's CLIP: the CLS token; a tower without CLS: none)
+        return window_merge_plan(x, grid, self.window, self.threshold, prefix=x.shape[0] - grid[0] * grid[1])
 
     def vision_layers(self, n_vision_layers: int, feature_layer: int) -> list[int]:
         return [n_vision_layers - 1] if self.key_set else []
