@@ -58,6 +58,7 @@ class Engine(VisionRuntime, PrefillRuntime, LayerRuntime, CacheRuntime):
     """The runtime shared by every decoder host; subclasses describe one host (see the module docstring)."""
 
     supported = "(abstract engine)"
+    multi_axis = False  # M-RoPE: position ids (3|4, B, T) from the host's rope index (see engine/positions.py)
 
     # ------------------------------------------------------------------------------------------------ host seams
     def get_projector(self):  # pragma: no cover - host description
@@ -81,7 +82,8 @@ class Engine(VisionRuntime, PrefillRuntime, LayerRuntime, CacheRuntime):
         host's (negative or 1-based) feature layer."""
         nv = len(self.vision_layers)
         self.feature_layer = nv + feature_layer if feature_layer < 0 else feature_layer - 1  # 0-based ViT layer used
-        self.side = self.vcfg.image_size // self.vcfg.patch_size
+        image_size = getattr(self.vcfg, "image_size", None)  # None: a tower of any resolution (packed grids)
+        self.side = None if image_size is None else image_size // self.vcfg.patch_size
         attn0 = self.layers[0].self_attn
         self.apply_rope = getattr(sys.modules[type(attn0).__module__], "apply_rotary_pos_emb", None)
         self.info = HostInfo(
@@ -131,6 +133,9 @@ class Engine(VisionRuntime, PrefillRuntime, LayerRuntime, CacheRuntime):
         self.positions = method.positions
         for p in parts:
             check_positions(p.name, p.positions)
+        self.renumbered = [p.name for p in parts if p.positions == "contiguous"]
+        if self.multi_axis:  # positions are the host's own (t, h, w): see vlprune.engine.positions
+            self.positions = "original"
 
         h = state.handles
         # projector swap (PROJECTOR stage)
@@ -141,7 +146,28 @@ class Engine(VisionRuntime, PrefillRuntime, LayerRuntime, CacheRuntime):
             state.restore.append(lambda: self.set_projector(original))
         h.append(self.get_projector().register_forward_hook(self._projector_hook(state)))
         self.attach_inputs(state)
-        # vision tower
+        self.attach_vision(state)
+        # decoder, layers, lm_head
+        h.append(self.text.register_forward_pre_hook(self._text_pre(state), with_kwargs=True))
+        h.append(self.text.register_forward_hook(self._text_post(state), with_kwargs=True))
+        for i, layer in enumerate(self.layers):
+            h.append(layer.register_forward_pre_hook(self._layer_pre(state, i), with_kwargs=True))
+        for l in self.score_at:
+            attn = self.layers[l].self_attn
+            h.append(attn.q_proj.register_forward_hook(self._llm_capture(state, l, "q")))
+            h.append(attn.k_proj.register_forward_hook(self._llm_capture(state, l, "k")))
+        for l in self.observe_at:
+            layer = self.layers[l]
+            h.append(layer.self_attn.register_forward_hook(self._observe(state, l, "attn"), with_kwargs=True))
+            h.append(layer.mlp.register_forward_hook(self._observe(state, l, "mlp"), with_kwargs=True))
+        h.append(self.model.lm_head.register_forward_hook(self._lm_head_hook(state)))
+
+    def attach_vision(self, state) -> None:
+        """Hooks on a CLIP/SigLIP-style tower (``vision_layers`` of batched crops): token counts, CLS-attention (or,
+        without CLS, received-attention) capture, ViT merging. A tower that packs images differently overrides it
+        (``vlprune.engine.packed``)."""
+        h = state.handles
+        method = state.method
         h.append(self.vision.register_forward_pre_hook(self._vision_pre(state)))
         nv = self.info.n_vision_layers
         self.merge_at = method.merge_layer(nv)
@@ -159,17 +185,3 @@ class Engine(VisionRuntime, PrefillRuntime, LayerRuntime, CacheRuntime):
             attn = self.vision_layers[l].self_attn
             h.append(attn.q_proj.register_forward_hook(self._vit_q(state, l)))
             h.append(attn.k_proj.register_forward_hook(self._vit_k(state, l, attn)))
-        # decoder, layers, lm_head
-        h.append(self.text.register_forward_pre_hook(self._text_pre(state), with_kwargs=True))
-        h.append(self.text.register_forward_hook(self._text_post(state), with_kwargs=True))
-        for i, layer in enumerate(self.layers):
-            h.append(layer.register_forward_pre_hook(self._layer_pre(state, i), with_kwargs=True))
-        for l in self.score_at:
-            attn = self.layers[l].self_attn
-            h.append(attn.q_proj.register_forward_hook(self._llm_capture(state, l, "q")))
-            h.append(attn.k_proj.register_forward_hook(self._llm_capture(state, l, "k")))
-        for l in self.observe_at:
-            layer = self.layers[l]
-            h.append(layer.self_attn.register_forward_hook(self._observe(state, l, "attn"), with_kwargs=True))
-            h.append(layer.mlp.register_forward_hook(self._observe(state, l, "mlp"), with_kwargs=True))
-        h.append(self.model.lm_head.register_forward_hook(self._lm_head_hook(state)))

@@ -72,7 +72,7 @@ class LayerRuntime:
                     continue
                 sel = Selection.from_lists(lists, seq.valid, left=call["left"])
                 pos = kwargs.get("position_ids") if not seq.substitute else seq.position_ids
-                if p.positions == "contiguous":
+                if p.positions == "contiguous" and not self.multi_axis:
                     # renumber without gaps: each kept token moves down by the tokens dropped before it here, and
                     # later calls on the cache continue this layer's numbering (CacheRecord.layer_delta)
                     if pos is None:

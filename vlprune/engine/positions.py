@@ -1,10 +1,17 @@
-"""Token positions under pruning: what kept tokens' positions become, for 1-D RoPE position ids (B, T).
+"""Token positions under pruning: what kept tokens' positions become, for 1-D RoPE position ids (B, T) and for
+multi-axis ones (M-RoPE: (A, B, T), A = 3 axes (t, h, w), or 4 with the 1-D text position first as ``generate``
+passes them).
 
-Where positions are touched (all 1-D today): ``PrefillRuntime._prefill`` (kept tokens' ids after a PRE_LLM drop,
-``Selection.apply`` on (B, T), renumbered under "contiguous"), ``PrefillRuntime._continue`` (later calls on a pruned
-cache: ids minus the tokens dropped), ``LayerRuntime._layer_pre`` (ids and cos/sin sliced at a pruned layer,
-``Engine.rotary`` for renumbered ones). A multi-axis host (M-RoPE, position ids (3, B, T)) gathers each axis with
-the same Selection along dim 2 and shifts every axis alike; its rope deltas move with them.
+Where positions are touched: ``PrefillRuntime._prefill`` (kept tokens' ids after a PRE_LLM drop, every axis gathered
+with the same Selection by ``gather_positions``, renumbered under "contiguous" on 1-D hosts),
+``PrefillRuntime._continue`` (later calls on a pruned cache: ids minus the tokens dropped, 1-D "contiguous" only),
+``LayerRuntime._layer_pre`` (ids and cos/sin sliced at a pruned layer, ``Engine.rotary`` for renumbered ones).
+
+Multi-axis hosts (``Engine.multi_axis``): a kept token keeps its (t, h, w) position from the host's own rope index,
+and later calls continue from the host's own rope deltas, so positions are always "original". An image's M-RoPE
+positions span max(h, w) / merge steps, not one step per token: dropping image tokens leaves no run of positions to
+close, and "contiguous" (a method's default on 1-D hosts) is applied as "original" there, with a note in
+``vlprune.stats(model)["notes"]``.
 
 Legend: B batch, T sequence, K kept.
 """
@@ -29,3 +36,10 @@ def _last_valid(valid: torch.Tensor) -> torch.Tensor:
     t = valid.shape[1]
     ar = torch.arange(t, device=valid.device)[None].expand_as(valid)
     return torch.where(valid, ar, -1).max(1).values
+
+
+def gather_positions(sel: Selection, pos: torch.Tensor, b: int) -> torch.Tensor:
+    """Kept tokens' position ids: (B|1, T) -> (B, K), or (A, B|1, T) -> (A, B, K) axis by axis."""
+    if pos.dim() == 3:
+        return torch.stack([sel.apply(p.expand(b, -1)) for p in pos])
+    return sel.apply(pos.expand(b, -1))

@@ -14,7 +14,7 @@ import torch
 from ..methods.base import ImageTokens
 from ..state import Selection, SeqState, to_mask_dtype
 from .cache import _cache_of, _real_len
-from .positions import _dropped_before
+from .positions import _dropped_before, gather_positions
 from .selection import run_selections
 
 
@@ -98,6 +98,10 @@ class PrefillRuntime:
         left = am is None or bool(am[:, -1].all())
         call.update(mode="prefill", left=left, prompt_len=t, cache=None if cache is None else weakref.ref(cache))
         state.run.images = []
+        if self.multi_axis and self.renumbered:
+            state.run.notes.append(
+                f"{', '.join(self.renumbered)}: rope_positions='contiguous' is applied as 'original' on "
+                f"{type(self.model).__name__}: kept tokens keep their M-RoPE (t, h, w) positions")
 
         t_sel = time.perf_counter()
         images = self._split_images(state, pending, emb, img_mask)
@@ -158,8 +162,7 @@ class PrefillRuntime:
         pos = kwargs.get("position_ids")  # generate passes padding-aware positions; a plain forward passes none
         if pos is None:
             pos = torch.arange(t, device=emb.device)[None]
-        pos = pos.expand(b, -1)
-        kept_pos = sel.apply(pos)
+        kept_pos = gather_positions(sel, pos, b)
         if self.positions == "contiguous":
             # renumber without gaps: each kept token moves down by the prompt tokens dropped before it
             kept_pos = kept_pos - _dropped_before(sel, valid)

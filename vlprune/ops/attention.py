@@ -23,14 +23,11 @@ def cls_logits_from_qk(q: torch.Tensor, k: torch.Tensor, n_heads: int, scale: fl
     return torch.einsum("bhd,bshd->bhs", qr, kk) * scale
 
 
-def received_logits(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
-    """The no-CLS score: the mean softmax attention each token receives from every query of its sequence, as
-    log-probabilities, so that a softmax over keys gives it back as a distribution (what ``cls_logits_from_qk`` gives
-    for a CLS row). The rule VisionZip and VisPruner use for towers without a CLS token (SigLIP, Qwen-VL's ViT).
+def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
+    """The softmax attention each key receives, summed over every query of its sequence: (B, H, S) float32.
 
     q, k: (B, H, S, hd) after any position encoding the tower applies (unscaled). Query rows are processed in chunks
-    of ``chunk`` (memory B*H*chunk*S); the tower's own attention call is untouched. Returns (B, H, S) float32.
-    FLOPs: 2*B*H*S*S*hd (``received_flops``).
+    of ``chunk`` (memory B*H*chunk*S); the tower's own attention call is untouched. FLOPs: ``received_flops``.
     """
     b, h, s, _ = q.shape
     kf = k.float()
@@ -38,7 +35,22 @@ def received_logits(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int =
     for a in range(0, s, chunk):
         logits = torch.einsum("bhrd,bhsd->bhrs", q[:, :, a:a + chunk].float(), kf) * scale
         total += torch.softmax(logits, dim=-1).sum(2)
-    return torch.log((total / s).clamp_min(torch.finfo(torch.float32).tiny))
+    return total
+
+
+def received_logits(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
+    """The no-CLS score: the mean softmax attention each token receives from every query of its sequence, as
+    log-probabilities, so that a softmax over keys gives it back as a distribution (what ``cls_logits_from_qk`` gives
+    for a CLS row). The rule VisionZip and VisPruner use for towers without a CLS token (SigLIP, Qwen-VL's ViT).
+
+    q, k: (B, H, S, hd) as for ``received_attention``. Returns (B, H, S) float32.
+    """
+    return log_share(received_attention(q, k, scale, chunk) / q.shape[2])
+
+
+def log_share(p: torch.Tensor) -> torch.Tensor:
+    """log of attention shares, with 0 mapped to the log of the smallest float32 (finite)."""
+    return torch.log(p.clamp_min(torch.finfo(torch.float32).tiny))
 
 
 def received_flops(b: int, h: int, s: int, hd: int) -> float:

@@ -1,0 +1,129 @@
+"""Seams of transformers' Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration.
+
+This file describes the host; the runtime is ``vlprune.engine`` (with ``engine.packed`` for the vision tower). What
+the host says:
+- decoder ``model.model.language_model`` and its ``layers`` (Qwen2 layers, GQA); their ``position_embeddings`` arrive
+  with M-RoPE already folded in (B, T, head_dim), so a pruned layer slices them like 1-D ones. Position ids are
+  multi-axis (``multi_axis``): the host's ``get_rope_index`` gives (3, B, T) in a plain forward, ``generate`` (4, B, T)
+  with the 1-D text position first; kept tokens keep theirs, decoding continues from ``model.model.rope_deltas``
+  (see ``vlprune.engine.positions`` for what "contiguous" means here);
+- vision tower ``model.model.visual`` (``blocks[i].attn.qkv``, 2-D rotary ``apply_rotary_pos_emb_vision``), every
+  image packed into one sequence; Qwen2.5-VL's windowed blocks get their windows as ``cu_seqlens`` and the merger's
+  input comes in window order (transformers' ``get_vision_window_index``); no CLS token (the engine's received-
+  attention rule, ``engine/packed.py``);
+- projector: the tower's ``merger`` (2 x 2 patches -> one LLM token), counted as the projector; a PROJECTOR-stage
+  method (MQT) is refused: its weights are trained for LLaVA's projector;
+- image tokens ``input_ids == config.image_token_id``; each image's ``image_grid_thw`` row where the host's own
+  ``get_image_features`` receives it (wrapped on the instance); one raster grid of (h/2) x (w/2) tokens per image.
+  Several images per prompt and batches with padding work as for LLaVA. Video input is refused (``get_video_features``
+  raises): video tokens are a different placeholder that vlprune does not prune.
+
+Legend: B batch, T sequence, N visual tokens, K kept.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+from ..engine import Engine, PackedVisionRuntime, token_grid_layout
+from ..methods.base import Stage
+from .base import register_adapter
+
+
+def _qwen_classes():
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+
+
+@register_adapter
+class HFQwenVLAdapter(PackedVisionRuntime, Engine):
+    """transformers ``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration``."""
+
+    supported = "transformers Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration"
+    multi_axis = True
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return isinstance(model, _qwen_classes())
+
+    def __init__(self, model):
+        self.model = model
+        self.base = model.model
+        self.config = model.config
+        self.anyres = False
+        self.text = self.base.language_model
+        self.layers = self.text.layers
+        self.vision = self.base.visual
+        self.vision_layers = self.vision.blocks
+        self.tcfg = self.config.text_config
+        self.vcfg = self.config.vision_config
+        m = self.vcfg.spatial_merge_size
+        self.unit = m * m
+        self.vit_heads = self.vcfg.num_heads
+        self.vision_rope = getattr(sys.modules[type(self.vision_layers[0].attn).__module__], "apply_rotary_pos_emb_vision")
+        self.windowed = hasattr(self.vision, "fullatt_block_indexes")
+        self.init_geometry(-1)  # the merger reads the last block's output
+        self.cost_config = self.config
+
+    def attach(self, state) -> None:
+        method = state.method
+        parts = list(getattr(method, "methods", [method]))
+        for p in parts:
+            if Stage.PROJECTOR in p.stages:
+                raise ValueError(
+                    f"{p.name}: replaces LLaVA's projector with a trained query transformer; "
+                    f"{type(self.model).__name__} has a patch merger inside its vision tower, which it cannot replace. "
+                    f"Use a method without a PROJECTOR stage")
+        super().attach(state)
+
+    def token_order(self, grid_thw):
+        """Qwen2.5-VL: the raster index of each merger-input token slot (window order); Qwen2-VL: None."""
+        if not self.windowed:
+            return None
+        from transformers.vision_utils import get_vision_window_index
+
+        v = self.vision
+        index, _ = get_vision_window_index(grid_thw, spatial_merge_size=v.spatial_merge_size,
+                                           window_size=v.window_size, patch_size=v.patch_size)
+        return index
+
+    # ------------------------------------------------------------------------------------------------ host seams
+    def get_projector(self):
+        return self.vision.merger
+
+    def set_projector(self, module) -> None:
+        self.vision.merger = module
+
+    def attach_inputs(self, state) -> None:
+        original = self.base.get_image_features
+
+        @functools.wraps(original)
+        def get_image_features(*args, **kwargs):
+            grid = kwargs.get("image_grid_thw", args[1] if len(args) > 1 else None)
+            state.image_call = {"image_sizes": grid, "n_images": None if grid is None else int(grid.shape[0])}
+            return original(*args, **kwargs)
+
+        video = self.base.get_video_features
+        host = type(self.model).__name__
+
+        @functools.wraps(video)
+        def get_video_features(*args, **kwargs):
+            raise ValueError(
+                f"vlprune prunes image tokens; {host} was given a video (pixel_values_videos), whose tokens it does not "
+                f"prune. Run videos without pruning (vlprune.remove(model) or the vlprune.pruned context) or pass the "
+                f"frames as images")
+
+        self.base.get_image_features = get_image_features
+        self.base.get_video_features = get_video_features
+        state.restore.append(lambda: delattr(self.base, "get_image_features"))
+        state.restore.append(lambda: delattr(self.base, "get_video_features"))
+        state.handles.append(
+            self.base.register_forward_pre_hook(self._mm_pre(state, self.config.image_token_id), with_kwargs=True))
+
+    def layouts(self, n_images: int, image_sizes, crops=None) -> list:
+        """One raster grid of (h/m) x (w/m) tokens per image, from its ``image_grid_thw`` row."""
+        if image_sizes is None:
+            raise ValueError(f"{type(self.model).__name__} inputs need image_grid_thw (the processor returns it)")
+        m = self.vcfg.spatial_merge_size
+        return [token_grid_layout(h // m, w // m, t) for t, h, w in image_sizes.tolist()]
