@@ -8,6 +8,12 @@ has a formula (``register_sdpa_cpu_flop_formula``). Attention is counted as the 
 
 Notation: d = hidden size, d_q = heads * head_dim, d_kv = kv_heads * head_dim, m = MLP intermediate size,
 V = vocabulary size, n / q / kv = token counts.
+
+Vision towers: batched CLIP/SigLIP ViTs (LLaVA, LLaVA-NeXT, LLaVA-OneVision) and the packed Qwen2-VL /
+Qwen2.5-VL / Qwen3-VL towers, whose images share one sequence and attend within the groups of ``cu_seqlens``
+(``VisionCall.groups``). For the Qwen hosts the patch merger is the projector (``projector_flops``, rows = ViT
+patch rows); Qwen3-VL's DeepStack mergers are part of ``vision_flops``. Decoders: Llama-style, GQA-aware, with an
+explicit ``head_dim`` where the config has one (Qwen3).
 """
 
 from __future__ import annotations
@@ -50,10 +56,25 @@ _GATED_ACTIVATIONS = frozenset({"silu", "swish", "swiglu", "geglu"})
 # --------------------------------------------------------------------------------------------------------
 @dataclass
 class VisionCall:
-    """One forward of the vision tower."""
+    """One forward of the vision tower.
 
-    batch: int  # images in the vision batch (AnyRes: base + crops of every image)
-    tokens_per_layer: list[int]  # sequence length (incl. CLS) entering each encoder layer that ran
+    Batched towers (CLIP, SigLIP: ``(B, N, D)``): ``batch`` is the number of views in the vision batch (AnyRes:
+    base + crops of every image) and ``tokens_per_layer[l]`` the sequence length per view (CLS included) entering
+    encoder layer l; ``groups`` stays None.
+
+    Packed towers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: one ``(sum t*h*w, D)`` sequence for all images): ``batch`` is
+    the number of images (rows of ``image_grid_thw``), ``tokens_per_layer[l]`` the packed length (all images)
+    entering vision block l, and ``groups[l]`` the lengths of the attention groups block l saw, i.e.
+    ``diff(cu_seqlens)`` of the ``cu_seqlens`` argument that block received: one entry per image frame in a
+    full-attention block, one per window in a Qwen2.5-VL windowed block. ``sum(groups[l]) ==
+    tokens_per_layer[l]``. The patch embedding is counted on ``tokens_per_layer[0]`` rows (the packed patch rows
+    when nothing is dropped before block 0). Without ``groups`` a packed tower is counted as ``batch`` equal images (wrong for
+    images of different sizes; refused for Qwen2.5-VL, whose windowed blocks cannot be inferred).
+    """
+
+    batch: int  # batched towers: views in the vision batch; packed towers: images
+    tokens_per_layer: list[int]  # batched: length per view (incl. CLS); packed: packed length, per layer that ran
+    groups: list[list[int]] | None = None  # packed towers: attention group lengths (diff(cu_seqlens)) per block
 
 
 @dataclass
@@ -71,7 +92,7 @@ class Schedule:
     """Everything one request ran: vision tower calls, projector rows, decoder calls, scoring work."""
 
     vision: list[VisionCall]
-    projector_rows: int  # total rows (all images, all crops) that went through the multimodal projector
+    projector_rows: int  # rows of the projector's input: LLaVA rows (all images, all crops); Qwen merger: ViT patch rows
     llm: list[LLMCall]  # prefill first, then each decode step / continuation
     scoring_flops: float = 0.0  # the method's own scoring work, counted by the engine (FLOPs = 2*MACs)
     visual_per_layer: list[float] = field(default_factory=list)  # mean visual tokens per sample entering each decoder layer in prefill
@@ -358,12 +379,21 @@ def equivalent_tokens(visual_per_layer: Sequence[float]) -> float:
 # Vision tower and projector
 # --------------------------------------------------------------------------------------------------------
 def vision_flops(vision_config: Any, call: VisionCall) -> float:
-    """FLOPs (2 x MACs) of one CLIP/SigLIP-style ViT forward.
+    """FLOPs (2 x MACs) of one vision-tower forward; dispatches on the vision config's ``model_type``.
 
-    Patch conv ``2 * n_patches * (C*p*p) * d`` per image, plus per encoder layer that ran
-    ``8*n*d**2 + 4*n**2*d + 4*n*d*m`` (q/k/v/o, full n x n attention, 2-matrix MLP), times the batch.
+    CLIP/SigLIP-style ViT (the default): patch conv ``2 * n_patches * (C*p*p) * d`` per image
+    (``n_patches = (image_size/p)**2``), plus per encoder layer that ran ``8*n*d**2 + 4*n**2*d + 4*n*d*m``
+    (q/k/v/o, full n x n attention, 2-matrix MLP), times the batch. A tower without CLS token (SigLIP) records
+    n = n_patches; ``post_layernorm`` and pooling heads are not counted.
+
+    Qwen2-VL, Qwen2.5-VL, Qwen3-VL (``qwen2_vl_vision``, ``qwen2_5_vl_vision``, ``qwen3_vl_vision``,
+    ``qwen3_vl_moe_vision``): see ``_packed_vision_flops``. The patch merger is the projector
+    (``projector_flops``), not counted here; Qwen3-VL's DeepStack mergers are.
     """
     vc = _vision_config(vision_config)
+    kind = _packed_tower_kind(vc)
+    if kind is not None:
+        return _packed_vision_flops(vc, call, kind)
     d = int(_require(vc, "hidden_size", "vision-tower"))
     m = int(_require(vc, "intermediate_size", "vision-tower"))
     n_layers = int(_require(vc, "num_hidden_layers", "vision-tower"))
@@ -378,13 +408,145 @@ def vision_flops(vision_config: Any, call: VisionCall) -> float:
     return batch * (conv + layers)
 
 
-def projector_flops(config: Any, rows: float) -> float:
-    """FLOPs (2 x MACs) of LLaVA's ``multi_modal_projector`` on ``rows`` rows (all images, all crops).
+# Vision configs of the packed (cu_seqlens) towers, by model_type; the full configs' types are accepted too.
+_PACKED_TOWERS = {
+    "qwen2_vl_vision": "qwen2_vl", "qwen2_vl": "qwen2_vl",
+    "qwen2_5_vl_vision": "qwen2_5_vl", "qwen2_5_vl": "qwen2_5_vl",
+    "qwen3_vl_vision": "qwen3_vl", "qwen3_vl": "qwen3_vl",
+    "qwen3_vl_moe_vision": "qwen3_vl", "qwen3_vl_moe": "qwen3_vl",
+}
 
-    linear_1: d_v * n_feature_layers -> d_t, GELU, linear_2: d_t -> d_t, i.e. ``2*rows*(d_v*d_t + d_t*d_t)``.
-    A config with ``projector_linears`` ((in, out) per Linear, e.g. the LLaVA codebase's ``mlp2x_gelu`` or
-    ``linear`` mm_projector) is counted from those instead.
-    ``config`` is the full LLaVA / LLaVA-NeXT config (``vision_config``, ``text_config``, ``vision_feature_layer``).
+
+def _packed_tower_kind(vc: Any) -> str | None:
+    return _PACKED_TOWERS.get(getattr(vc, "model_type", None))
+
+
+def _int_size(config: Any, name: str, default: int | None = None) -> int:
+    value = getattr(config, name, None)
+    if value is None:
+        value = default
+    if value is None:
+        _require(config, name, "vision-tower")
+    if isinstance(value, (list, tuple)):  # patch sizes may be given per axis; these towers use square patches
+        value = value[0]
+    return int(value)
+
+
+@dataclass(frozen=True)
+class _PackedDims:
+    kind: str
+    d: int  # ViT width
+    layers: int
+    inter: int  # MLP width
+    mlp_matrices: int  # 2 (fc1, fc2) or 3 (Qwen2.5-VL: gate, up, down)
+    patch_in: int  # C * temporal_patch * p * p, the Conv3d fan-in
+    merge_unit: int  # spatial_merge_size**2 patches per merged token
+    out: int  # merger output width (the LLM hidden size)
+    deepstack: tuple[int, ...]  # blocks after which a DeepStack merger runs (Qwen3-VL)
+    full_blocks: tuple[int, ...] | None  # Qwen2.5-VL: blocks with full attention (the others are windowed)
+
+
+def _packed_dims(vc: Any, kind: str) -> _PackedDims:
+    layers = _int_size(vc, "depth", getattr(vc, "num_hidden_layers", None))
+    merge = _int_size(vc, "spatial_merge_size", 2)
+    patch_in = (
+        _int_size(vc, "in_channels", getattr(vc, "num_channels", 3))
+        * _int_size(vc, "temporal_patch_size", 2)
+        * _int_size(vc, "patch_size") ** 2
+    )
+    if kind == "qwen2_vl":  # embed_dim is the ViT width; hidden_size is the merger's output (the LLM width)
+        d = _int_size(vc, "embed_dim")
+        inter = int(d * float(getattr(vc, "mlp_ratio", 4)))
+        return _PackedDims(kind, d, layers, inter, 2, patch_in, merge * merge, _int_size(vc, "hidden_size"), (), None)
+    d = _int_size(vc, "hidden_size")
+    inter = _int_size(vc, "intermediate_size")
+    out = _int_size(vc, "out_hidden_size")
+    if kind == "qwen2_5_vl":
+        full = tuple(int(i) for i in (getattr(vc, "fullatt_block_indexes", None) or ()))
+        return _PackedDims(kind, d, layers, inter, 3, patch_in, merge * merge, out, (), full)
+    taps = tuple(int(i) for i in (getattr(vc, "deepstack_visual_indexes", None) or ()))
+    return _PackedDims(kind, d, layers, inter, 2, patch_in, merge * merge, out, taps, None)
+
+
+def _merger_flops(d: int, unit: int, out: int, rows: float) -> float:
+    """A 2x2 patch merger on ``rows`` ViT patch rows: ``rows/u`` merged rows through Linear(u*d -> u*d) and
+    Linear(u*d -> out), i.e. ``2 * rows * d * (u*d + out)`` (u = spatial_merge_size**2)."""
+    return 2.0 * rows * d * (unit * d + out)
+
+
+def _packed_groups(call: VisionCall, dims: _PackedDims, tokens: list[float]) -> list[list[float]]:
+    if call.groups is None:
+        windowed = dims.full_blocks is not None and any(i not in dims.full_blocks for i in range(len(tokens)))
+        if windowed:
+            raise ValueError(
+                f"VisionCall.groups is None, but Qwen2.5-VL blocks {[i for i in range(len(tokens)) if i not in dims.full_blocks]} "
+                f"attend in windows the cost model cannot infer; record groups = diff(cu_seqlens) per block."
+            )
+        return [[n / call.batch] * call.batch for n in tokens]  # `batch` equal images
+    groups = call.groups
+    if isinstance(groups, (str, bytes)) or not hasattr(groups, "__len__") or len(groups) != len(tokens):
+        raise ValueError(
+            f"VisionCall.groups has {len(groups) if hasattr(groups, '__len__') else groups!r} entries but "
+            f"tokens_per_layer has {len(tokens)}; give one list of group lengths per block that ran."
+        )
+    out = []
+    for i, (g, n) in enumerate(zip(groups, tokens)):
+        if isinstance(g, (str, bytes)) or not hasattr(g, "__iter__"):
+            raise ValueError(f"VisionCall.groups[{i}]={g!r} must be a list of attention group lengths (diff(cu_seqlens)).")
+        lengths = [_check_count(f"VisionCall.groups[{i}][{j}]", v) for j, v in enumerate(list(g))]
+        if sum(lengths) != n:
+            raise ValueError(
+                f"VisionCall.groups[{i}] sums to {sum(lengths):g} but tokens_per_layer[{i}] is {n:g}; the groups of a "
+                f"block (diff(cu_seqlens)) must cover its packed sequence exactly."
+            )
+        out.append(lengths)
+    return out
+
+
+def _packed_vision_flops(vc: Any, call: VisionCall, kind: str) -> float:
+    """FLOPs of a packed Qwen-VL tower forward (all images in one sequence, attention within groups).
+
+    With d = ViT width, m = MLP width, n_l = ``tokens_per_layer[l]``, g = ``groups[l]``:
+
+    * patch embedding, a Conv3d with kernel (temporal 2, p, p) over C = 3 channels, on the packed patch rows
+      entering block 0: ``2 * n_0 * (C*2*p*p) * d``;
+    * per block l that ran: fused qkv + proj ``8*n_l*d**2``, attention ``4*d*sum(g**2)`` (each image frame, or
+      each Qwen2.5-VL window, attends within itself), MLP ``2*k*n_l*d*m`` with k = 2 (Qwen2-VL fc1/fc2,
+      m = embed_dim * mlp_ratio; Qwen3-VL linear_fc1/fc2) or k = 3 (Qwen2.5-VL gate/up/down);
+    * Qwen3-VL: the DeepStack merger after each tapped block l that ran, ``2*n_l*d*(u*d + out)`` (u = 4 patches
+      per merged token, out = ``out_hidden_size``); the learned position embedding is a lookup, not counted.
+
+    ``batch`` (images) is used only when ``groups`` is None. The final merger is the projector.
+    """
+    dims = _packed_dims(vc, kind)
+    _check_batch(call.batch)
+    tokens = _check_per_layer("VisionCall.tokens_per_layer", call.tokens_per_layer, dims.layers, exact=False)
+    if not tokens:
+        return 0.0
+    groups = _packed_groups(call, dims, tokens)
+    d = dims.d
+    flops = 2.0 * tokens[0] * dims.patch_in * d
+    for i, (n, g) in enumerate(zip(tokens, groups)):
+        flops += 8 * n * d * d + 4 * d * sum(x * x for x in g) + 2 * dims.mlp_matrices * n * d * dims.inter
+        if i in dims.deepstack:
+            flops += _merger_flops(d, dims.merge_unit, dims.out, n)
+    return float(flops)
+
+
+def projector_flops(config: Any, rows: float) -> float:
+    """FLOPs (2 x MACs) of the multimodal projector on ``rows`` rows of its input (all images, all crops).
+
+    LLaVA's ``multi_modal_projector``: linear_1: d_v * n_feature_layers -> d_t, GELU, linear_2: d_t -> d_t, i.e.
+    ``2*rows*(d_v*d_t + d_t*d_t)``. A config with ``projector_linears`` ((in, out) per Linear, e.g. the LLaVA
+    codebase's ``mlp2x_gelu`` or ``linear`` mm_projector) is counted from those instead.
+
+    Qwen2-VL, Qwen2.5-VL, Qwen3-VL: the vision tower's ``merger`` (norm, view(-1, u*d), Linear(u*d -> u*d), GELU,
+    Linear(u*d -> out)). ``rows`` are the merger's input rows, i.e. ViT patch rows (``sum t*h*w``, before merging;
+    u = spatial_merge_size**2 = 4 of them make one LLM token): ``2 * rows * d * (u*d + out)`` with d the ViT width
+    and out the LLM hidden size (Qwen2-VL ``vision_config.hidden_size``, the others ``out_hidden_size``).
+    Qwen3-VL's DeepStack mergers are counted in ``vision_flops``.
+
+    ``config`` is the full multimodal config (``vision_config``, ``text_config``; LLaVA: ``vision_feature_layer``).
     """
     if getattr(config, "vision_config", None) is None or getattr(config, "text_config", None) is None:
         raise ValueError(
@@ -394,6 +556,10 @@ def projector_flops(config: Any, rows: float) -> float:
     linears = getattr(config, "projector_linears", None)
     if linears is not None:  # a host that reports its projector's Linear layers as (in, out) pairs
         return 2.0 * _check_count("projector rows", rows) * sum(int(i) * int(o) for i, o in linears)
+    kind = _packed_tower_kind(config.vision_config)
+    if kind is not None:
+        dims = _packed_dims(config.vision_config, kind)
+        return _merger_flops(dims.d, dims.merge_unit, dims.out, _check_count("projector rows", rows))
     layer = getattr(config, "vision_feature_layer", -2)
     n_feature_layers = 1 if isinstance(layer, int) else len(layer)
     d_v = int(_require(config.vision_config, "hidden_size", "vision-tower")) * n_feature_layers
@@ -417,7 +583,9 @@ def _llm_call_flops(config: Any, call: LLMCall, index: int) -> tuple[float, floa
 def schedule_cost(config: Any, schedule: Schedule, kv_dtype: Any = None) -> CostReport:
     """Cost of one request from the schedule that actually ran, FLOPs = 2 x MACs.
 
-    ``config`` is a full LlavaConfig / LlavaNextConfig. ``kv_bytes`` is the cache left by the last decoder
+    ``config`` is the full multimodal config (``model.config``): LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL,
+    Qwen2.5-VL, Qwen3-VL. ``projector_rows`` are the projector's input rows (for the Qwen hosts the merger's,
+    i.e. ViT patch rows, see ``projector_flops``). ``kv_bytes`` is the cache left by the last decoder
     call, in ``kv_dtype`` (default: the text config's ``dtype`` if set, else float16).
     """
     text = _text_config(config)
