@@ -115,6 +115,9 @@ def greedy_reference(model, inputs, n_new, layer_mask=None, from_layer=0, layer_
                 logits.append(lg)
                 ids = torch.cat([ids, nxt[:, None]], 1)
                 am = torch.cat([am, torch.ones_like(nxt[:, None])], 1)
+                if "mm_token_type_ids" in extra:  # Qwen-VL: new tokens are text (type 0)
+                    extra["mm_token_type_ids"] = torch.cat(
+                        [extra["mm_token_type_ids"], torch.zeros_like(nxt[:, None])], 1)
     finally:
         for h in handles:
             h.remove()
