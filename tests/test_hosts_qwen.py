@@ -334,3 +334,16 @@ def test_stats_cost_matches_flop_counter(name, case, mode):
         report = vlprune.stats(model)["cost"]
     assert report.total == pytest.approx(counter.get_total_flops(), rel=0.01)
     assert report.vision > 0 and report.projector > 0
+
+
+@pytest.mark.parametrize("device_path", ["fused", "chunked"])
+def test_received_attention_equals_the_softmax_column_sums(device_path):
+    """fused: torch's CPU attention kernel (the default on the CPU); chunked: the path of other devices."""
+    from vlprune.ops import received_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 70, 16, generator=g), torch.randn(2, 3, 70, 16, generator=g)
+    got, flops = received_attention(q, k, 0.25, chunk=32, fused=device_path == "fused")
+    ref = torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1).sum(2)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert flops == (4.0 * 2 * 3 * 70 * 70 * 33 if device_path == "fused" else 2.0 * 2 * 3 * 70 * 70 * 17)

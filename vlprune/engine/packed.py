@@ -29,7 +29,7 @@ import torch
 
 from .. import cost
 from ..methods.base import TOKEN_PATCH, ImageLayout, Partition
-from ..ops import log_share, received_attention, received_flops
+from ..ops import log_share, received_attention
 
 
 def token_grid_layout(rows: int, cols: int, frames: int = 1) -> ImageLayout:
@@ -106,14 +106,14 @@ class PackedVisionRuntime:
             q, k = qkv[:, 0], qkv[:, 1]  # (S, H, hd)
             if pe is not None:
                 q, k = self.vision_rope(q, k, *pe)
-            hd = q.shape[-1]
             total = torch.zeros(heads, s, dtype=torch.float32, device=out.device)
             bounds = cu.tolist()
             for a, b in zip(bounds[:-1], bounds[1:]):
                 qg = q[a:b].transpose(0, 1)[None]
                 kg = k[a:b].transpose(0, 1)[None]
-                total[:, a:b] = received_attention(qg, kg, attn.scaling)[0]
-                state.run.scoring_flops += received_flops(1, heads, b - a, hd)
+                got, flops = received_attention(qg, kg, attn.scaling)
+                total[:, a:b] = got[0]
+                state.run.scoring_flops += flops
             state.vision_logits[layer] = self._token_scores(state, total)
             state.run.method_seconds += time.perf_counter() - t0
 

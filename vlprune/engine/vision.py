@@ -11,7 +11,7 @@ import time
 import torch
 
 from .. import cost
-from ..ops import cls_logits_from_qk, merge_batch, received_flops, received_logits
+from ..ops import cls_logits_from_qk, log_share, merge_batch, received_attention
 from .selection import runs as _runs
 
 
@@ -85,8 +85,9 @@ class VisionRuntime:
                 hd = hd_all // heads
                 qh = q.reshape(b, s, heads, hd).transpose(1, 2)
                 kh = out.reshape(b, s, heads, hd).transpose(1, 2)
-                logits = received_logits(qh, kh, scale)
-                state.run.scoring_flops += received_flops(b, heads, s, hd)
+                got, flops = received_attention(qh, kh, scale)
+                logits = log_share(got / s)
+                state.run.scoring_flops += flops
             state.vision_logits[layer] = logits.detach()
             state.run.method_seconds += time.perf_counter() - t0
 

@@ -23,19 +23,37 @@ def cls_logits_from_qk(q: torch.Tensor, k: torch.Tensor, n_heads: int, scale: fl
     return torch.einsum("bhd,bshd->bhs", qr, kk) * scale
 
 
-def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
-    """The softmax attention each key receives, summed over every query of its sequence: (B, H, S) float32.
+def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024,
+                       fused: bool | None = None) -> tuple[torch.Tensor, float]:
+    """The softmax attention each key receives, summed over every query of its sequence: ((B, H, S) float32, the
+    FLOPs (2 x MACs) of its matrix products).
 
-    q, k: (B, H, S, hd) after any position encoding the tower applies (unscaled). Query rows are processed in chunks
-    of ``chunk`` (memory B*H*chunk*S); the tower's own attention call is untouched. FLOPs: ``received_flops``.
+    q, k: (B, H, S, hd) after any position encoding the tower applies (unscaled), in the tower's dtype. The tower's
+    own attention call is untouched. On the CPU two calls of torch's fused attention kernel give it without an S x S
+    matrix: the first gives each query's log normaliser lse_q, the second runs keys as queries over the queries with
+    the logit k.q*scale - lse_q (folded into one extra dimension) and returns log sum_q exp(...) = log of the sum
+    wanted (the kernel also multiplies by values of the same width: 4*B*H*S*S*(2*hd + 1) FLOPs in all). Elsewhere
+    (or with ``fused=False``) softmax rows are summed ``chunk`` queries at a time: 2*B*H*S*S*(hd + 1).
     """
-    b, h, s, _ = q.shape
-    kf = k.float()
+    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if fused is None:
+        fused = q.device.type == "cpu" and kernel is not None
+    if fused:
+        _, lse = kernel(q, k, k, 0.0, False, scale=scale)  # (B, H, S) log normaliser of each query row
+        qq = torch.cat([q * scale, (-lse[..., None]).to(q.dtype)], -1)
+        kk = torch.cat([k, torch.ones_like(k[..., :1])], -1)
+        _, lse_k = kernel(kk, qq, qq, 0.0, False, scale=1.0)
+        b, h, s, hd = q.shape
+        return lse_k.float().exp(), 4.0 * b * h * s * s * (2 * hd + 1)
+    b, h, s, hd = q.shape
+    kt = k.float().transpose(-1, -2)
+    qs = q.float() * scale
     total = torch.zeros(b, h, s, dtype=torch.float32, device=q.device)
     for a in range(0, s, chunk):
-        logits = torch.einsum("bhrd,bhsd->bhrs", q[:, :, a:a + chunk].float(), kf) * scale
-        total += torch.softmax(logits, dim=-1).sum(2)
-    return total
+        p = torch.matmul(qs[:, :, a:a + chunk], kt)
+        p.sub_(p.amax(-1, keepdim=True)).exp_()
+        total += torch.matmul((1.0 / p.sum(-1, keepdim=True)).transpose(-1, -2), p).squeeze(-2)
+    return total, 2.0 * b * h * s * s * (hd + 1)
 
 
 def received_logits(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
@@ -45,17 +63,12 @@ def received_logits(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int =
 
     q, k: (B, H, S, hd) as for ``received_attention``. Returns (B, H, S) float32.
     """
-    return log_share(received_attention(q, k, scale, chunk) / q.shape[2])
+    return log_share(received_attention(q, k, scale, chunk)[0] / q.shape[2])
 
 
 def log_share(p: torch.Tensor) -> torch.Tensor:
     """log of attention shares, with 0 mapped to the log of the smallest float32 (finite)."""
     return torch.log(p.clamp_min(torch.finfo(torch.float32).tiny))
-
-
-def received_flops(b: int, h: int, s: int, hd: int) -> float:
-    """FLOPs (2 x MACs) of ``received_logits`` on (B, H, S, hd) inputs: the q x k products."""
-    return 2.0 * b * h * s * s * hd
 
 
 def attention_rows(
