@@ -9,6 +9,20 @@ directly on ``--device``. ``--size tiny``: hidden 128 / 4 layers, for tests. ``-
 images, 576 visual tokens each. ``--host next`` (LLaVA-NeXT, AnyRes pinpoints 336x672, 672x336, 672x672): images of
 ``--image-size`` (default 672x672: a thumbnail and a 2x2 crop grid, 2928 visual tokens with newline tokens).
 
+``--host qwen2.5-vl``: transformers' ``Qwen2_5_VLForConditionalGeneration`` with random weights and the offline
+processor of ``vlprune.hosts_tiny`` (byte-level BPE tokenizer of 320 tokens with Qwen's special tokens, the chat
+template of ``host_prompt``; image processor with the released pixel bounds 56x56 .. 12845056 px). ``--size
+bench-S``: Qwen2 decoder with hidden 1024, 24 layers, 16 heads with GQA (4 KV heads, head 64, M-RoPE sections
+[8, 12, 12]), MLP 2816 (gated), vocabulary 320 (the offline tokenizer's); Qwen2.5-VL vision tower with patch 14,
+merge 2, window 112 px, hidden 768, 12 blocks of 12 heads (full attention in blocks 2, 5, 8, 11, the others
+windowed), gated SiLU MLP 2048, merger to 1024. ``--size 7b``: Qwen2.5-VL-7B's shapes (text 3584 x 28, 28 heads / 4
+KV heads, MLP 18944, vocabulary 152064; vision 1280 x 32 blocks, 16 heads, full attention in 7, 15, 23, 31, MLP 3420,
+merger to 3584). ``--size tiny``: ``vlprune.hosts_tiny.tiny_qwen2_5_vl`` (images within 56x56 .. 224x224 px). Images
+of ``--image-size`` (default 896x896: a 32 x 32 grid of merged tokens, 1024 visual tokens per image; tiny: 224x224,
+64 tokens); ``image_grid_thw`` and ``mm_token_type_ids`` come from the processor. MustDrop's ViT token merge is refused
+by the packed tower, so mustdrop runs with ``merging=False`` on this host unless ``--param mustdrop.merging=...``
+says otherwise (the label says so); mqt (no LLaVA projector to replace) is skipped with its reason.
+
 ``--batch N [N ...]``: N different synthetic images with questions of different lengths (about ``--text-tokens``
 text tokens each, between 0.7x and 1.3x of it), left padded, one call per batch size. Every batch size, method and
 budget is one configuration; each round times all configurations in turn (interleaved, so that a slow phase of a
@@ -46,6 +60,7 @@ registered method.
     python benchmarks/bench_prefill.py                                   # bench-S, batch 1, keep=64, every method
     python benchmarks/bench_prefill.py --batch 1 4 --repeats 5 --out /tmp/b.json
     python benchmarks/bench_prefill.py --host next --keep-ratio 0.2 --methods hired globalcom2 random pool
+    python benchmarks/bench_prefill.py --host qwen2.5-vl --keep-ratio 0.25 0.1 --decode-tokens 4
     python benchmarks/bench_prefill.py --size 7b --device cuda --attn flash_attention_2 --keep 192 128 64 --batch 1 8
 
 ``--dtype auto`` (default) takes bfloat16 where the device computes it natively (a CUDA device that supports it, a
@@ -96,7 +111,37 @@ SIZE_NAMES = {
     "bench-S": "LM 1024x24 h16 m2752 V32064 + CLIP ViT-B/14-336",
     "7b": "LM 4096x32 h32 m11008 V32064 + CLIP ViT-L/14-336 (LLaVA-1.5-7B shapes)",
 }
-HOST_NAMES = {"llava": "LLaVA-1.5", "next": "LLaVA-NeXT (AnyRes 2x2 max)"}
+QWEN = "qwen2.5-vl"
+HOST_NAMES = {"llava": "LLaVA-1.5", "next": "LLaVA-NeXT (AnyRes 2x2 max)", QWEN: "Qwen2.5-VL"}
+# Qwen2.5-VL shapes; "tiny" is vlprune.hosts_tiny.tiny_qwen2_5_vl. Vocabulary: the offline tokenizer's (320) unless
+# given. Vision: patch 14, temporal patch 2, merge 2, window 112 px for every size.
+QWEN_SIZES = {
+    "tiny": dict(text=dict(num_hidden_layers=4)),
+    "bench-S": dict(
+        text=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
+                  intermediate_size=2816, mrope_section=[8, 12, 12]),
+        vision=dict(depth=12, hidden_size=768, num_heads=12, intermediate_size=2048, out_hidden_size=1024,
+                    fullatt_block_indexes=[2, 5, 8, 11]),
+    ),
+    "7b": dict(  # Qwen2.5-VL-7B-Instruct
+        text=dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                  intermediate_size=18944, vocab_size=152064, mrope_section=[16, 24, 24]),
+        vision=dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
+                    fullatt_block_indexes=[7, 15, 23, 31]),
+    ),
+}
+QWEN_SIZE_NAMES = {
+    "tiny": "LM 128x4 h4/kv2 m344 V320 + ViT 64x4 (tiny_qwen2_5_vl)",
+    "bench-S": "LM 1024x24 h16/kv4 m2816 V320 + Qwen2.5-VL ViT 768x12 (full attention in 2, 5, 8, 11) m2048",
+    "7b": "LM 3584x28 h28/kv4 m18944 V152064 + Qwen2.5-VL ViT 1280x32 m3420 (Qwen2.5-VL-7B shapes)",
+}
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 56 * 56, 12845056  # the released processor's bounds
+QWEN_MERGE = 2
+DEFAULT_IMAGE = {"llava": (336, 336), "next": (672, 672), QWEN: (896, 896)}
+TINY_QWEN_IMAGE = (224, 224)  # the tiny processor's largest image: 8 x 8 = 64 merged tokens
+# hyperparameters a host needs, unless --param sets them: name -> (values, why)
+HOST_PARAMS = {QWEN: {"mustdrop": ({"merging": False}, "its default ViT token merge is refused by the packed "
+                                                      "Qwen2.5-VL tower")}}
 QUESTION = ("Describe the picture in detail. What is shown in this image? How many objects are there? "
             "Is there a cat, a dog or a tree? The color is blue, green or red.")
 LENGTH_FACTORS = (1.0, 0.7, 1.3, 0.85, 1.15, 0.75, 1.25, 0.9)  # question lengths of samples 0, 1, 2, ...
@@ -109,7 +154,13 @@ IN_LLM_TARGET, PRE_LLM_TARGET = 0.8, 0.9
 
 
 def model_name(size: str, host: str) -> str:
-    return f"{size} {HOST_NAMES[host]} (random weights): {SIZE_NAMES[size]}"
+    names = QWEN_SIZE_NAMES if host == QWEN else SIZE_NAMES
+    return f"{size} {HOST_NAMES[host]} (random weights): {names[size]}"
+
+
+def text_layers(size: str, host: str = "llava") -> int:
+    """Decoder layers of the ``size`` model of ``host``."""
+    return (QWEN_SIZES if host == QWEN else SIZES)[size]["text"]["num_hidden_layers"]
 
 
 # ------------------------------------------------------------------------------------------- argument checks
@@ -230,35 +281,87 @@ def build_methods(names, budgets, k, params, explicit: bool):
 
 
 def probe_methods(methods: dict, host: str) -> dict[str, str]:
-    """Run every method once on a tiny model of the host's class (a few ms each): name -> why it cannot run."""
-    import torch
-
+    """Run every method once on a tiny model of the host's class (a few ms each): name -> why it cannot run. A
+    method that cannot be built with the budget is also tried with its defaults, so that a host's refusal is named."""
     import vlprune
     from vlprune.testing import synthetic_image, tiny_inputs, tiny_llava, tiny_llava_next
 
-    model, proc = (tiny_llava if host == "llava" else tiny_llava_next)(seed=0)
-    size = (336, 336) if host == "llava" else (672, 672)
-    inputs = tiny_inputs(proc, [synthetic_image(size)], ["USER: <image>\nWhat is shown? ASSISTANT:"])
+    if host == QWEN:
+        from vlprune.hosts_tiny import tiny_host_inputs, tiny_qwen2_5_vl
+
+        model, proc = tiny_qwen2_5_vl(seed=0)
+        inputs = tiny_host_inputs(proc, [synthetic_image((168, 112))])
+    else:
+        model, proc = (tiny_llava if host == "llava" else tiny_llava_next)(seed=0)
+        size = (336, 336) if host == "llava" else (672, 672)
+        inputs = tiny_inputs(proc, [synthetic_image(size)], ["USER: <image>\nWhat is shown? ASSISTANT:"])
     skipped: dict[str, str] = {}
     for (name, _), method in methods.items():
         if name in skipped:
             continue
-        if isinstance(method, Exception):
-            skipped[name] = " ".join(f"{type(method).__name__}: {method}".split())
+        if isinstance(method, Exception):  # cannot be built with this budget: does the host refuse it anyway?
+            why = " ".join(f"{type(method).__name__}: {method}".split())
+            default = None
+            for kw in ({}, {"keep": 16}):  # its defaults, or a token count where it needs one (the tiny image: 24)
+                try:
+                    default = vlprune.get_method(name, **kw)
+                    break
+                except Exception:  # noqa: BLE001 - nothing to try: the budget's reason stands
+                    continue
+            refusal = _refusal(model, default, inputs) if default is not None else None
+            skipped[name] = f"{refusal}; and with this budget: {why}" if refusal else why
             continue
-        try:
-            with vlprune.pruned(model, method), torch.inference_mode():
-                model(**inputs, use_cache=True, logits_to_keep=1)
-        except Exception as e:  # noqa: BLE001 - the reason is reported, the method skipped
-            skipped[name] = " ".join(f"{type(e).__name__}: {e}".split())
+        refusal = _refusal(model, method, inputs)
+        if refusal:
+            skipped[name] = refusal
     return skipped
+
+
+def _refusal(model, method, inputs) -> str | None:
+    """Why ``method`` cannot run one prefill of ``inputs`` on ``model`` (one line), or None when it runs."""
+    import torch
+
+    import vlprune
+
+    try:
+        with vlprune.pruned(model, method), torch.inference_mode():
+            model(**inputs, use_cache=True, logits_to_keep=1)
+    except Exception as e:  # noqa: BLE001 - the reason is reported, the method skipped
+        return " ".join(f"{type(e).__name__}: {e}".split())
+    return None
+
+
+def host_param_notes(args, skipped: dict[str, str]) -> dict[str, str]:
+    """method -> one line for each method run with values its host needs (``args.host_params``): which values,
+    and why (the refusal of the method's defaults on a tiny model of the host's class)."""
+    import vlprune
+
+    notes = {}
+    for name, (values, why) in getattr(args, "host_params", {}).items():
+        if name in skipped:
+            continue
+        budget = args.budgets[0]
+        plain = {k: v for k, v in args.params.get(name, {}).items() if k not in values}
+        try:
+            default = vlprune.get_method(name, **method_kwargs(name, budget, args.k, {name: plain}))
+            refusal = probe_methods({(name, budget_label(budget)): default}, args.host).get(name)
+        except (TypeError, ValueError) as e:
+            refusal = " ".join(str(e).split())
+        label = ", ".join(f"{k}={v}" for k, v in values.items())
+        notes[name] = (f"{name} runs with {label} on {HOST_NAMES[args.host]} (rows labelled {name}"
+                       f"{host_param_label(name, args.host_params)}): {why}"
+                       + (f" ({refusal})" if refusal else "") + f"; --param {name}.{next(iter(values))}=... overrides")
+    return notes
 
 
 def make_parser() -> argparse.ArgumentParser:
     ap = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="bench-S", choices=list(SIZES), help="model shapes (default bench-S)")
-    ap.add_argument("--host", default="llava", choices=["llava", "next"], help="LLaVA-1.5 or LLaVA-NeXT")
-    ap.add_argument("--image-size", default="672x672", help="WxH of the images for --host next (default 672x672)")
+    ap.add_argument("--host", default="llava", choices=list(HOST_NAMES),
+                    help="llava (LLaVA-1.5, default), next (LLaVA-NeXT) or qwen2.5-vl (Qwen2.5-VL)")
+    ap.add_argument("--image-size", default=None,
+                    help="WxH of the images for --host next (default 672x672) and qwen2.5-vl (default 896x896; "
+                         "tiny 224x224); LLaVA-1.5 takes 336x336")
     ap.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes, interleaved (default 1)")
     ap.add_argument("--keep", type=int, nargs="+", default=[64], help="visual tokens to keep (default 64)")
     ap.add_argument("--keep-ratio", type=float, nargs="+", default=None,
@@ -305,16 +408,23 @@ def parse_args(argv=None):
         for r in args.keep_ratio:
             if not 0 < r <= 1:
                 raise ArgError(f"--keep-ratio {r}: must be in (0, 1]; e.g. --keep-ratio 0.25")
-    n_layers = SIZES[args.size]["text"]["num_hidden_layers"]
+    n_layers = text_layers(args.size, args.host)
     if args.k >= n_layers:
         raise ArgError(f"--k {args.k}: FastV's layer must be below the {args.size} decoder's {n_layers} layers; "
                        f"e.g. --k 2")
+    default_wh = TINY_QWEN_IMAGE if (args.host == QWEN and args.size == "tiny") else DEFAULT_IMAGE[args.host]
+    example = "x".join(map(str, default_wh if args.host != "llava" else DEFAULT_IMAGE["next"]))
     try:
-        size = tuple(int(v) for v in args.image_size.lower().split("x"))
+        size = default_wh if args.image_size is None else tuple(int(v) for v in args.image_size.lower().split("x"))
         assert len(size) == 2 and min(size) > 0
     except (ValueError, AssertionError):
-        raise ArgError(f"--image-size {args.image_size!r} must be WIDTHxHEIGHT in pixels; e.g. --image-size 672x672") \
-            from None
+        raise ArgError(f"--image-size {args.image_size!r} must be WIDTHxHEIGHT in pixels; "
+                       f"e.g. --image-size {example}") from None
+    if args.host == QWEN:
+        factor = 14 * QWEN_MERGE
+        if min(size) < factor or max(size) > 200 * min(size):
+            raise ArgError(f"--image-size {args.image_size}: the Qwen2.5-VL processor needs both sides of at least "
+                           f"{factor} px and an aspect ratio within 200; e.g. --image-size {example}")
     args.image_wh = (336, 336) if args.host == "llava" else size
     out = Path(args.out)
     if out.is_dir():
@@ -330,6 +440,12 @@ def parse_args(argv=None):
 
     args.explicit = args.methods is not None
     names = list(dict.fromkeys(args.methods or vlprune.list_methods()))
+    args.host_params = {}  # method -> (values the host sets, why), where --param does not set them
+    for n, (values, why) in HOST_PARAMS.get(args.host, {}).items():
+        unset = {k: v for k, v in values.items() if k not in args.params.get(n, {})}
+        if n in names and unset:
+            args.params.setdefault(n, {}).update(unset)
+            args.host_params[n] = (unset, why)
     for n in args.official_attention:
         if n not in names:
             raise ArgError(f"--official-attention {n}: not among the methods run ({', '.join(names)}); "
@@ -343,9 +459,12 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------- model, inputs
 def build_model(size: str = "bench-S", host: str = "llava", dtype="bfloat16", device="cpu", attn: str = "sdpa",
                 seed: int = 0):
-    """A random-weight LLaVA-1.5 / LLaVA-NeXT of ``size``, built directly on ``device`` in ``dtype``, and its
-    processor."""
+    """A random-weight LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL of ``size``, built directly on ``device`` in ``dtype``, and
+    its processor."""
     import torch
+
+    if host == QWEN:
+        return build_qwen(size, dtype, device, attn, seed)
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor
 
@@ -378,7 +497,13 @@ def build_model(size: str = "bench-S", host: str = "llava", dtype="bfloat16", de
                                    vision_feature_select_strategy="default", num_additional_image_tokens=1)
         cfg, cls = LlavaConfig(**common), LlavaForConditionalGeneration
     else:
-        raise ValueError(f"host must be 'llava' or 'next'; got {host!r}")
+        raise ValueError(f"host must be one of {', '.join(HOST_NAMES)}; got {host!r}")
+    return _instantiate(cls, cfg, dtype, device, attn, seed), processor
+
+
+def _instantiate(cls, cfg, dtype, device, attn: str, seed: int):
+    import torch
+
     previous = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -392,34 +517,80 @@ def build_model(size: str = "bench-S", host: str = "llava", dtype="bfloat16", de
             torch.set_default_dtype(previous)
     model = model.to(dtype=dtype).eval()
     model.set_attn_implementation(attn)
-    return model, processor
+    return model
 
 
-def _prompt(tok, n_text: int) -> str:
-    """A prompt with at least ``n_text`` tokens besides the image placeholder."""
+def build_qwen(size: str = "bench-S", dtype="bfloat16", device="cpu", attn: str = "sdpa", seed: int = 0):
+    """A random-weight ``Qwen2_5_VLForConditionalGeneration`` of ``size`` (``QWEN_SIZES``; tiny:
+    ``vlprune.hosts_tiny.tiny_qwen2_5_vl``) and its processor (offline tokenizer, chat template, image processor
+    within ``QWEN_MIN_PIXELS`` .. ``QWEN_MAX_PIXELS``; tiny: its own bounds)."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    from vlprune.hosts_tiny import _qwen_ids, _qwen_processor, tiny_qwen2_5_vl
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if size == "tiny":
+        model, processor = tiny_qwen2_5_vl(seed=seed, attn=attn)
+        return model.to(device=device, dtype=dtype).eval(), processor
+    shapes = QWEN_SIZES[size]
+    tok, processor = _qwen_processor(Qwen2_5_VLProcessor, 14, QWEN_MIN_PIXELS, QWEN_MAX_PIXELS)
+    text = dict(shapes["text"])
+    section = text.pop("mrope_section")
+    text.setdefault("vocab_size", len(tok))
+    text.update(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                tie_word_embeddings=False)
+    vision = dict(shapes["vision"], patch_size=14, spatial_merge_size=QWEN_MERGE, temporal_patch_size=2,
+                  window_size=112)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    return _instantiate(Qwen2_5_VLForConditionalGeneration, cfg, dtype, device, attn, seed), processor
+
+
+def _is_qwen(processor) -> bool:
+    return type(processor).__name__.startswith("Qwen2_5_VL")
+
+
+def _llava_prompt(question: str) -> str:
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def _prompt(tok, n_text: int, wrap=_llava_prompt, placeholder: str = "<image>") -> str:
+    """A prompt ``wrap(question)`` with at least ``n_text`` tokens besides the image placeholder."""
     words = QUESTION.split()
     question, i = "", 0
     while True:
-        prompt = f"USER: <image>\n{question} ASSISTANT:"
-        if len(tok(prompt.replace("<image>", ""))["input_ids"]) >= n_text:
+        prompt = wrap(question)
+        if len(tok(prompt.replace(placeholder, ""))["input_ids"]) >= n_text:
             return prompt
         question = (question + " " + words[i % len(words)]).strip()
         i += 1
 
 
-def sample_prompts(tok, n: int, text_tokens: int) -> list[str]:
-    return [_prompt(tok, max(8, round(text_tokens * LENGTH_FACTORS[i % len(LENGTH_FACTORS)]) + i // len(LENGTH_FACTORS)))
+def sample_prompts(tok, n: int, text_tokens: int, wrap=_llava_prompt, placeholder: str = "<image>") -> list[str]:
+    n_factors = len(LENGTH_FACTORS)
+    return [_prompt(tok, max(8, round(text_tokens * LENGTH_FACTORS[i % n_factors]) + i // n_factors), wrap, placeholder)
             for i in range(n)]
 
 
 def build_inputs(processor, n: int, text_tokens: int, image_size=(336, 336), seed: int = 0, dtype=None,
                  device="cpu") -> dict:
-    """n different images (seeds seed..seed+n-1) and questions of different lengths, left padded."""
+    """n different images (seeds seed..seed+n-1) and questions of different lengths, left padded. Qwen2.5-VL: the
+    host's chat template (``vlprune.hosts_tiny.host_prompt``); the processor adds ``image_grid_thw`` and
+    ``mm_token_type_ids``."""
     from vlprune.testing import synthetic_image, tiny_inputs
 
-    prompts = sample_prompts(processor.tokenizer, n, text_tokens)
     images = [synthetic_image(tuple(image_size), seed=seed + i) for i in range(n)]
-    inputs = dict(tiny_inputs(processor, images, prompts, padding_side="left"))
+    if _is_qwen(processor):
+        from vlprune.hosts_tiny import host_prompt, tiny_host_inputs
+
+        prompts = sample_prompts(processor.tokenizer, n, text_tokens, lambda q: host_prompt(processor, q),
+                                 "<|image_pad|>")
+        inputs = dict(tiny_host_inputs(processor, images, prompts, padding_side="left"))
+    else:
+        prompts = sample_prompts(processor.tokenizer, n, text_tokens)
+        inputs = dict(tiny_inputs(processor, images, prompts, padding_side="left"))
     return _to(inputs, dtype, device)
 
 
@@ -435,9 +606,40 @@ def _to(inputs: dict, dtype, device) -> dict:
 
 
 def single(inputs: dict, b: int) -> dict:
-    """Sample ``b`` of a left-padded batch, alone and without its padding."""
+    """Sample ``b`` of a left-padded batch, alone and without its padding. Packed pixel inputs (Qwen2.5-VL:
+    ``pixel_values`` (sum t*h*w, C) with one ``image_grid_thw`` row per image, images in sample order): the rows of
+    sample ``b``'s images, found from the image tokens per sample (``mm_token_type_ids == 1``, t*h*w / merge^2 per
+    image)."""
     n_pad = int((inputs["attention_mask"][b] == 0).sum())
-    return {k: (v[b:b + 1, n_pad:] if k in ("input_ids", "attention_mask") else v[b:b + 1]) for k, v in inputs.items()}
+    seq = ("input_ids", "attention_mask", "mm_token_type_ids")
+    if "image_grid_thw" not in inputs:
+        return {k: (v[b:b + 1, n_pad:] if k in seq else v[b:b + 1]) for k, v in inputs.items()}
+    grid = inputs["image_grid_thw"]
+    rows = grid.prod(-1).tolist()
+    per_sample = (inputs["mm_token_type_ids"] == 1).sum(1).tolist()
+    first = img = 0  # image index and pixel row where sample b's images start
+    for s in range(b):
+        need = per_sample[s]
+        while need > 0:
+            need -= rows[img] // QWEN_MERGE ** 2
+            first += rows[img]
+            img += 1
+    last, end, need = img, first, per_sample[b]
+    while need > 0:
+        need -= rows[last] // QWEN_MERGE ** 2
+        end += rows[last]
+        last += 1
+    out = {}
+    for k, v in inputs.items():
+        if k in seq:
+            out[k] = v[b:b + 1, n_pad:]
+        elif k == "pixel_values":
+            out[k] = v[first:end]
+        elif k == "image_grid_thw":
+            out[k] = v[img:last]
+        else:
+            out[k] = v[b:b + 1]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- measuring
@@ -531,8 +733,13 @@ class StageClock:
         self.seconds: dict[str, float] = {}
         self.handles = []
         inner = model.model
-        parts = {"vision tower": inner.vision_tower, "projector": inner.multi_modal_projector,
-                 "decoder": inner.language_model, "lm_head": model.lm_head}
+        self.nested = hasattr(inner, "visual")  # Qwen2.5-VL: the patch merger (projector) runs inside the tower
+        if self.nested:
+            parts = {"vision tower": inner.visual, "projector": inner.visual.merger,
+                     "decoder": inner.language_model, "lm_head": model.lm_head}
+        else:
+            parts = {"vision tower": inner.vision_tower, "projector": inner.multi_modal_projector,
+                     "decoder": inner.language_model, "lm_head": model.lm_head}
         for name, mod in parts.items():
             self.handles.append(mod.register_forward_pre_hook(lambda m, a, name=name: self._start(name)))
             self.handles.append(mod.register_forward_hook(lambda m, a, o, name=name: self._stop(name)))
@@ -549,6 +756,8 @@ class StageClock:
     def remove(self):
         for h in self.handles:
             h.remove()
+        if self.nested and "vision tower" in self.seconds:  # the tower's time without the merger inside it
+            self.seconds["vision tower"] -= self.seconds.get("projector", 0.0)
 
 
 @dataclasses.dataclass
@@ -896,8 +1105,8 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def summary_lines(rows: list[dict], skipped: dict[str, str]) -> list[str]:
-    out = []
+def summary_lines(rows: list[dict], skipped: dict[str, str], notes=()) -> list[str]:
+    out = list(notes)
     for name, why in skipped.items():
         out.append(f"skipped {name}: {why}")
     for r in rows:
@@ -913,21 +1122,30 @@ def write_outputs(result: dict, out: Path, header: str) -> Path:
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     tmp.replace(out)
     md = out.with_suffix(".md")
-    notes = summary_lines(result["rows"], result.get("skipped", {}))
+    notes = summary_lines(result["rows"], result.get("skipped", {}), result.get("host_params", {}).values())
     md.write_text(header + "\n\n" + markdown_table(result["rows"]) + "\n"
                   + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else ""))
     return md
 
 
+def host_param_label(name: str, host_params: dict) -> str:
+    """" merging=False" for a method run with values its host needs (``args.host_params``), else ""."""
+    if name not in host_params:
+        return ""
+    return "".join(f" {k}={v}" for k, v in host_params[name][0].items())
+
+
 def make_configs(args, skipped) -> list[Config]:
-    n_layers = SIZES[args.size]["text"]["num_hidden_layers"]
+    n_layers = text_layers(args.size, getattr(args, "host", "llava"))
+    host_params = getattr(args, "host_params", {})
     configs = []
     for b in args.batch:
         configs.append(Config("unpruned", None, None, None, b))
         for (name, bl), m in args.method_objs.items():
             if name in skipped:
                 continue
-            label = name + (f" k={args.k}" if name == "fastv" else "") + (f" {bl}" if len(args.budgets) > 1 else "")
+            label = name + (f" k={args.k}" if name == "fastv" else "") + host_param_label(name, host_params) \
+                + (f" {bl}" if len(args.budgets) > 1 else "")
             configs.append(Config(label, name, bl, m, b))
         for n in args.official_attention:
             if n in skipped:
@@ -935,7 +1153,7 @@ def make_configs(args, skipped) -> list[Config]:
             for bl in [budget_label(x) for x in args.budgets]:
                 m = args.method_objs[(n, bl)]
                 first = min(m.score_layers(n_layers) or [0])
-                configs.append(Config(f"{n} (eager attention from layer {first})"
+                configs.append(Config(f"{n}{host_param_label(n, host_params)} (eager attention from layer {first})"
                                       + (f" {bl}" if len(args.budgets) > 1 else ""), n, bl, m, b, first))
     return configs
 
@@ -974,6 +1192,9 @@ def main(argv=None) -> int:
         return 2
     for name, why in skipped.items():
         print(f"skipped {name}: {why}", flush=True)
+    host_notes = host_param_notes(args, skipped)
+    for line in host_notes.values():
+        print(line, flush=True)
     configs = make_configs(args, skipped)
 
     t0 = time.perf_counter()
@@ -1000,7 +1221,7 @@ def main(argv=None) -> int:
         "dtype": args.dtype_name, "dtype_why": args.dtype_why, "device": args.device, "attn": args.attn,
         "params": n_params, "image_tokens": n_image, "prompt_lengths": lengths,
         "batch": args.batch, "budgets": args.budgets, "fastv_k": args.k, "decode_tokens": args.decode_tokens,
-        "repeats": args.repeats, "threads": args.threads, "skipped": skipped,
+        "repeats": args.repeats, "threads": args.threads, "skipped": skipped, "host_params": host_notes,
         "call": "model(**inputs, use_cache=True, logits_to_keep=1); generate(max_new_tokens=M, min_new_tokens=M)",
         "command": "python benchmarks/bench_prefill.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "versions": versions(),
@@ -1014,7 +1235,7 @@ def main(argv=None) -> int:
               f"vlprune.stats (FLOPs = 2 x MACs, whole prefill incl. vision tower); of ideal = speed-up x FLOPs ratio.")
     print()
     print(markdown_table(rows))
-    for line in summary_lines(rows, skipped):
+    for line in summary_lines(rows, skipped, host_notes.values()):
         print(line)
     md = write_outputs(result, Path(args.out), header)
     print(f"\nwrote {args.out} and {md}")

@@ -1,5 +1,6 @@
 """benchmarks/: argument checks of bench_prefill.py, its batched run on tiny shapes (batch = one-by-one before any
-time), the skipped-method list, and the one-shot GPU script (benchmarks/gpu.sh --tiny) on the CPU."""
+time) for the LLaVA and Qwen2.5-VL hosts, the skipped-method list, and the one-shot GPU script (benchmarks/gpu.sh
+--tiny) on the CPU."""
 from __future__ import annotations
 
 import json
@@ -47,6 +48,13 @@ BAD = [
     (["--size", "huge"], "'huge'"),
     (["--host", "next", "--image-size", "abc"], "'abc'"),
     (["--official-attention", "mustdrop", "--methods", "pool"], "mustdrop"),
+    (["--host", "qwen"], "'qwen'"),
+    (["--host", "qwen2.5-vl", "--image-size", "20x20"], "--image-size 20x20"),
+    (["--host", "qwen2.5-vl", "--image-size", "28x6000"], "aspect ratio"),
+    (["--host", "qwen2.5-vl", "--size", "tiny", "--k", "4"], "--k 4"),
+    (["--host", "qwen2.5-vl", "--methods", "mqt", "--keep", "16"], "patch merger"),  # no LLaVA projector to replace
+    # the packed tower refuses MustDrop's ViT merge when it is asked for
+    (["--host", "qwen2.5-vl", "--methods", "mustdrop", "--param", "mustdrop.merging=true"], "packs all images"),
 ]
 if not torch.cuda.is_available():
     BAD.append((["--device", "cuda"], "no CUDA device"))
@@ -194,3 +202,102 @@ def test_gpu_sh_tiny_runs_on_the_cpu(tmp_path):
     assert all("batched answers differ" in r["error"] and "prefill_s" not in r for r in failed)
     assert all(f"finding: {s} {r['key']}" in p.stdout for s in ("llava", "next")
                for r in res["sections"][s]["rows"] if "error" in r)
+
+
+# --------------------------------------------------------------------------------------------- Qwen2.5-VL host
+def test_qwen_default_methods_skip_mqt_and_run_mustdrop_without_the_vit_merge():
+    import vlprune
+
+    names = vlprune.list_methods()
+    args = bp.parse_args(["--host", "qwen2.5-vl", "--size", "tiny", "--keep-ratio", "0.25", "0.1"])
+    assert args.params["mustdrop"] == {"merging": False} and "mustdrop" in args.host_params
+    assert args.image_wh == bp.TINY_QWEN_IMAGE
+    skipped = bp.probe_methods(args.method_objs, "qwen2.5-vl")
+    assert set(skipped) == {"mqt"} and "patch merger" in skipped["mqt"]
+    labels = {c.label for c in bp.make_configs(args, skipped)}
+    assert "mustdrop merging=False keep_ratio=0.25" in labels and not any(lb.startswith("mqt") for lb in labels)
+    notes = bp.host_param_notes(args, skipped)
+    assert "merging=False" in notes["mustdrop"] and "packs all images" in notes["mustdrop"]
+    # without the host's value, mustdrop's default ViT merge is refused with the reason
+    methods = bp.build_methods(names, [{"keep": 16}], 2, {}, explicit=False)
+    skipped = bp.probe_methods(methods, "qwen2.5-vl")
+    assert set(skipped) == {"mqt", "mustdrop"} and "merging=False" in skipped["mustdrop"]
+    # asked for explicitly, the value is the caller's and the label stays plain
+    args = bp.parse_args(["--host", "qwen2.5-vl", "--size", "tiny", "--methods", "mustdrop",
+                          "--param", "mustdrop.merging=false"])
+    assert args.host_params == {} and {c.label for c in bp.make_configs(args, {})} == {"unpruned", "mustdrop"}
+    # the default image sizes and the layers --k is checked against
+    assert bp.parse_args(["--host", "qwen2.5-vl", "--methods", "pool"]).image_wh == (896, 896)
+    assert bp.parse_args(["--methods", "pool"]).image_wh == (336, 336)
+    assert bp.text_layers("7b", "qwen2.5-vl") == 28 and bp.text_layers("bench-S", "qwen2.5-vl") == 24
+
+
+def test_qwen_single_slices_the_packed_pixels_per_sample():
+    from vlprune.hosts_tiny import host_prompt, tiny_host_inputs, tiny_qwen2_5_vl
+    from vlprune.testing import synthetic_image
+
+    _, proc = tiny_qwen2_5_vl(seed=0)
+    images = [synthetic_image(wh, seed=i) for i, wh in enumerate([(112, 84), (224, 168), (168, 112)])]
+    prompts = [host_prompt(proc, q) for q in ("What?", "What is shown in this image? Describe it.", "Colour?")]
+    batch = tiny_host_inputs(proc, images, prompts, padding_side="left")
+    assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(-1).sum())
+    for b in range(3):
+        alone = tiny_host_inputs(proc, [images[b]], [prompts[b]])
+        got = bp.single(dict(batch), b)
+        assert set(got) == set(alone)
+        for k in alone:
+            assert torch.equal(got[k], alone[k]), (b, k)
+
+
+def test_qwen_bench_s_shapes():
+    """The bench-S config (not built: its shapes only) and the visual tokens of the default 896x896 image."""
+    from transformers import Qwen2_5_VLConfig
+
+    s = bp.QWEN_SIZES["bench-S"]
+    assert s["text"]["hidden_size"] == 1024 and s["text"]["num_hidden_layers"] == 24
+    assert s["text"]["num_attention_heads"] == 16 and s["text"]["num_key_value_heads"] == 4
+    head = s["text"]["hidden_size"] // s["text"]["num_attention_heads"]
+    assert sum(s["text"]["mrope_section"]) == head // 2
+    assert s["vision"]["out_hidden_size"] == s["text"]["hidden_size"]
+    Qwen2_5_VLConfig(vision_config=dict(s["vision"]))  # accepted by transformers
+    s7 = bp.QWEN_SIZES["7b"]
+    assert sum(s7["text"]["mrope_section"]) == s7["text"]["hidden_size"] // s7["text"]["num_attention_heads"] // 2
+    from vlprune.hosts_tiny import _qwen_processor
+    from transformers import Qwen2_5_VLProcessor
+
+    _, proc = _qwen_processor(Qwen2_5_VLProcessor, 14, bp.QWEN_MIN_PIXELS, bp.QWEN_MAX_PIXELS)
+    inputs = bp.build_inputs(proc, 2, 50, (896, 896))
+    assert inputs["image_grid_thw"].tolist() == [[1, 64, 64]] * 2
+    assert (inputs["mm_token_type_ids"] == 1).sum(1).tolist() == [1024, 1024]
+    assert inputs["attention_mask"][:, 0].tolist() != [1, 1]  # left padded: questions of different lengths
+
+
+def test_qwen_tiny_run_end_to_end(tmp_path, capsys):
+    out = tmp_path / "qwen.json"
+    methods = ["pool", "fastv", "hired", "mustdrop", "transprune"]
+    rc = bp.main(["--host", "qwen2.5-vl", "--size", "tiny", "--batch", "1", "3", "--keep-ratio", "0.25", "0.1",
+                  "--decode-tokens", "2", "--repeats", "1", "--threads", "1", "--dtype", "float32",
+                  "--methods", *methods, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    res = json.loads(out.read_text())
+    assert res["host"] == "qwen2.5-vl" and "Qwen2.5-VL" in res["model"] and res["image_tokens"] == 64
+    assert len(set(res["prompt_lengths"])) == 3
+    assert "merging=False" in res["host_params"]["mustdrop"]
+    rows = {r["key"]: r for r in res["rows"]}
+    labels = ["unpruned"] + [f"{m}{' k=2' if m == 'fastv' else ''}{' merging=False' if m == 'mustdrop' else ''} "
+                             f"keep_ratio={r}" for m in methods for r in ("0.25", "0.1")]
+    assert set(rows) == {f"b{b} {lb}" for b in (1, 3) for lb in labels}
+    for r in rows.values():
+        assert r["check"]["ok"] and r["check"]["samples"] == r["batch"]
+        assert 0 < r["flops_ratio"] <= 1 and r["of_ideal"] == pytest.approx(r["speedup"] * r["flops_ratio"])
+        assert r["ttft_s"] > 0 and r["kv_bytes_per_sample"] > 0 and r["visual_in"] == 64
+        assert r["stages_s"]["vision tower"] > 0 and r["stages_s"]["decoder"] > 0
+        assert r["method"] == "unpruned" or 0 < r["method_share"] < 1
+    assert rows["b3 pool keep_ratio=0.25"]["kept"] == 16 and rows["b3 pool keep_ratio=0.1"]["kept"] == 6
+    assert rows["b3 pool keep_ratio=0.1"]["flops_ratio"] < rows["b3 pool keep_ratio=0.25"]["flops_ratio"] < 1
+    assert rows["b3 fastv k=2 keep_ratio=0.1"]["target"] == 0.8 and rows["b3 pool keep_ratio=0.1"]["target"] == 0.9
+    assert rows["b3 hired keep_ratio=0.25"]["cost"]["vision"] == rows["b3 unpruned"]["cost"]["vision"]
+    md = out.with_suffix(".md").read_text()
+    assert "Qwen2.5-VL" in md and "mustdrop merging=False keep_ratio=0.1" in md and "method's work" in md
+    assert "runs with merging=False" in md
