@@ -39,9 +39,11 @@ from vlprune.cliargs import Parser, did_you_mean, method_list, nonneg_int, posit
 from vlprune.precision import DTYPES
 
 from .benchmarks import Benchmark, Item, load_benchmark
+from .models import HOST_CLASSES, host_types_text
 from .stats import ALPHA, fmt_accuracy, fmt_difference, fmt_versus, paired_difference, wilson
 
-__all__ = ["main", "run", "parse_args", "build_grid", "Config", "load_model", "build_prompt", "batch_inputs",
+__all__ = ["main", "run", "parse_args", "build_grid", "Config", "load_model", "host_class", "check_prunable",
+           "build_prompt", "batch_inputs",
            "summarize", "blind_row", "markdown"]
 
 BASELINES = ("random", "pool")
@@ -80,15 +82,15 @@ class Config:
 # ----------------------------------------------------------------------------------------------------- set-up
 PROXY_MODELS = ("proxy", "proxy-next", "proxy-mqt")
 PROXY_BENCHMARKS = ("proxy", "proxy-next")
-HOST_TYPES = ("llava", "llava_next")
+HOST_TYPES = tuple(HOST_CLASSES)   # llava, llava_next, qwen2_vl, qwen2_5_vl, llava_onevision
 
 
 def _model_spec(text: str) -> str:
-    """``--model``: a proxy name, a local folder holding a LLaVA / LLaVA-NeXT ``config.json``, or a hub id
-    (``owner/name``). Refused at once: a path that does not exist, a folder without ``config.json`` or of another
+    """``--model``: a proxy name, a local folder whose ``config.json`` has a model type of ``HOST_TYPES``, or a hub
+    id (``owner/name``). Refused at once: a path that does not exist, a folder without ``config.json`` or of another
     model type, a name that is none of these."""
-    forms = (f"give {', '.join(PROXY_MODELS)}, a local folder of a LLaVA / LLaVA-NeXT model, or a hub id like "
-             f"llava-hf/llava-1.5-7b-hf")
+    forms = (f"give {', '.join(PROXY_MODELS)}, a local folder of a {host_types_text()} model, or a hub id like "
+             f"llava-hf/llava-1.5-7b-hf or Qwen/Qwen2-VL-2B-Instruct")
     if text in PROXY_MODELS:
         return text
     path = Path(text).expanduser()
@@ -103,7 +105,7 @@ def _model_spec(text: str) -> str:
             raise argparse.ArgumentTypeError(f"{text!r}: its config.json does not read as JSON ({e}); {forms}") from None
         if model_type not in HOST_TYPES:
             raise argparse.ArgumentTypeError(f"{text!r} is a {model_type!r} model; the harness runs "
-                                             f"{' and '.join(repr(t) for t in HOST_TYPES)} models; {forms}")
+                                             f"{host_types_text()} models; {forms}")
         return text
     if path.exists():
         raise argparse.ArgumentTypeError(f"{text!r} is a file, not a model folder; {forms}")
@@ -325,30 +327,67 @@ def build_grid(methods: Sequence[str], keeps: Sequence, n_visual: int, params: d
     return grid
 
 
+def host_class(spec: str):
+    """``(config, class)`` of a local folder or hub id: the transformers class of its model type
+    (``evals.models.HOST_CLASSES``). Another model type raises ``ValueError`` naming the accepted ones."""
+    import transformers
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(spec)
+    if cfg.model_type not in HOST_CLASSES:
+        raise ValueError(f"--model {spec!r} is a {cfg.model_type!r} model; the harness runs {host_types_text()} "
+                         f"models")
+    return cfg, getattr(transformers, HOST_CLASSES[cfg.model_type])
+
+
+def check_prunable(spec: str) -> None:
+    """Raise ``ValueError`` with ``vlprune.apply``'s own message when vlprune has no adapter for the class that
+    ``spec`` loads with; asked of a weightless copy built on the meta device, so that it answers at once, before
+    any weight or sample is read. The proxies always pass. A copy that cannot be built on the meta device is not
+    judged here: ``vlprune.apply`` says so on the loaded model."""
+    if spec in PROXY_MODELS:
+        return
+    import torch
+
+    from vlprune.adapters import find_adapter
+
+    cfg, cls = host_class(spec)
+    try:
+        with torch.device("meta"):
+            skeleton = cls(cfg)
+    except Exception:  # pragma: no cover - a config this transformers cannot build without weights
+        return
+    try:
+        find_adapter(skeleton)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+
+
 def load_model(spec: str, dtype: torch.dtype, device):
-    """``(model, processor, label)`` for 'proxy', 'proxy-next', 'proxy-mqt', a local folder or a hub id."""
+    """``(model, processor, label)`` for 'proxy', 'proxy-next', 'proxy-mqt', a local folder or a hub id of a model
+    type in ``HOST_TYPES`` (the class from ``evals.models.HOST_CLASSES``, the processor from
+    ``evals.models.load_processor``: ``AutoProcessor``, or the same class without a video processor where that
+    cannot be loaded)."""
     if spec in ("proxy", "proxy-next", "proxy-mqt"):
         from .proxy import load
 
         model, proc = load({"proxy": "llava", "proxy-next": "next", "proxy-mqt": "mqt"}[spec], dtype=dtype,
                            device=str(device))
         return model, proc, spec
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    from .models import load_processor
 
-    cfg = AutoConfig.from_pretrained(spec)
-    classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
-    if cfg.model_type not in classes:
-        raise ValueError(f"--model {spec!r} is a {cfg.model_type!r} model; the harness runs LLaVA ('llava') and "
-                         f"LLaVA-NeXT ('llava_next') models")
-    model = classes[cfg.model_type].from_pretrained(spec, dtype=dtype).to(device).eval()
-    return model, AutoProcessor.from_pretrained(spec), spec
+    _, cls = host_class(spec)
+    model = cls.from_pretrained(spec, dtype=dtype).to(device).eval()
+    return model, load_processor(spec), spec
 
 
 # ----------------------------------------------------------------------------------------------------- running
 def build_prompt(processor, question: str, proxy: bool) -> str:
     """The prompt the harness sends for one image and ``question``: the proxy's own template, else the processor's
-    chat template with one image, else LLaVA-1.5's plain ``USER: <image>`` form. The lmms-eval plugin uses it too,
-    so that both runners ask the same thing."""
+    chat template with one user turn (the image, then the question) ending with the assistant cue (Qwen2-VL,
+    Qwen2.5-VL and LLaVA-OneVision use their ``<|im_start|>`` format; the llava-hf LLaVA processors give
+    ``USER: <image>\n... ASSISTANT:``), else LLaVA-1.5's plain ``USER: <image>`` form. The lmms-eval plugin uses it
+    too, so that both runners ask the same thing."""
     if proxy:
         from .proxy.model import prompt
 
@@ -372,8 +411,9 @@ class _Prompter:
 
 
 def batch_inputs(processor, images: Sequence, texts: Sequence[str], device):
-    """The processor's tensors for one batch, left-padded as generation needs (the tokenizer's side is restored).
-    The lmms-eval plugin batches through it too."""
+    """The processor's tensors for one batch, left-padded as generation needs (the tokenizer's side is restored):
+    everything the processor returns (``image_sizes``, ``image_grid_thw``, ``mm_token_type_ids``,
+    ``batch_num_images``...) goes to the model as it is. The lmms-eval plugin batches through it too."""
     tok = processor.tokenizer
     side, tok.padding_side = tok.padding_side, "left"
     try:
@@ -769,6 +809,7 @@ def run(args: argparse.Namespace) -> dict:
     methods = _csv(args.methods, "methods") if isinstance(args.methods, str) else list(args.methods)
     keeps = parse_keep(args.keep) if isinstance(args.keep, str) else list(args.keep)
     params = parse_params(args.param)
+    check_prunable(args.model)          # a class vlprune has no adapter for: refused before any data is read
     bench = load_benchmark(bench_spec, args.n, args.seed, args.images, args.format)
     from vlprune.precision import auto_dtype
 

@@ -1,10 +1,11 @@
 """The ``vlprune`` console script.
 
-    vlprune demo      apply every registered method to tiny random-weight LLaVA-1.5 and LLaVA-NeXT models built
-                      from configs (offline, CPU) and print tokens kept, FLOPs and time per method
+    vlprune demo      apply every registered method to tiny random-weight hosts built from configs (offline, CPU):
+                      LLaVA-1.5 and LLaVA-NeXT by default, Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision with --hosts;
+                      print tokens kept, FLOPs and time per method
     vlprune methods   list the registered methods with their hyperparameters and defaults
     vlprune eval      the evaluation harness (evals.run): accuracy against cost for methods and budgets on the
-                      shipped proxy LVLM or a LLaVA / LLaVA-NeXT model
+                      shipped proxy LVLM or a LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL or LLaVA-OneVision model
 """
 from __future__ import annotations
 
@@ -105,19 +106,43 @@ def kept_tokens(stats: dict, method, sample: int = 0) -> int:
     return int(stats["visual_per_layer"][sample][-1]) if stats["visual_per_layer"] else 0
 
 
+def _demo_host(host: str, seed: int, image):
+    """``(model, inputs)``: the tiny host ``host`` and its processor's tensors for ``image`` with one question, in
+    the LLaVA-1.5 prompt on the LLaVA hosts and in the host's chat template on the others."""
+    from . import hosts_tiny, testing
+
+    if host in ("llava-1.5", "llava-next"):
+        model, processor = (testing.tiny_llava if host == "llava-1.5" else testing.tiny_llava_next)(seed=seed)
+        return model, testing.tiny_inputs(processor, [image], [testing.DEFAULT_PROMPT])
+    build = {"qwen2-vl": hosts_tiny.tiny_qwen2_vl, "qwen2.5-vl": hosts_tiny.tiny_qwen2_5_vl,
+             "llava-onevision": hosts_tiny.tiny_llava_onevision}[host]
+    model, processor = build(seed=seed)
+    return model, hosts_tiny.tiny_host_inputs(processor, [image], [hosts_tiny.host_prompt(processor)])
+
+
+def _skipped_row(host: str, label: str, reason: str) -> dict:
+    """A (host, method) the demo could not run: the row says why, its figures are None."""
+    return {"host": host, "method": label, "visual_in": None, "kept": None, "equivalent_tokens": None,
+            "prefill_tflops": None, "generate_tflops": None, "scoring_gflops": None, "prefill_s": None,
+            "generate_s": None, "tokens": None, "skipped": " ".join(str(reason).split())}
+
+
 def run_demo(keep: int = 64, k: int = 2, new_tokens: int = 8, repeats: int = 3, seed: int = 0,
              hosts=("llava-1.5", "llava-next"), methods=None, out=print) -> list[dict]:
-    """Apply every registered method (or ``methods``) to the tiny models and return one row per (host, method)."""
+    """Apply every registered method (or ``methods``) to the tiny models and return one row per (host, method),
+    the unpruned model first. A method a host refuses (``vlprune.apply`` raises ``ValueError``, or ``TypeError``
+    for a host class vlprune has no adapter for) is a row whose ``skipped`` gives the reason and whose figures are
+    None; measured rows have ``skipped`` None. The unpruned row of a host vlprune cannot read is measured without
+    its cost (None)."""
     import torch
 
     from . import api
     from .registry import get_method, list_methods
-    from .testing import DEFAULT_PROMPT, identity_method, synthetic_image, tiny_inputs, tiny_llava, tiny_llava_next
+    from .testing import identity_method, synthetic_image
 
-    builders = {"llava-1.5": tiny_llava, "llava-next": tiny_llava_next}
     for h in hosts:
-        if h not in builders:
-            raise ValueError(f"unknown host {h!r}; choose from {', '.join(builders)}")
+        if h not in DEMO_VISUAL_TOKENS:
+            raise ValueError(f"unknown host {h!r}; choose from {', '.join(DEMO_VISUAL_TOKENS)}")
     names = list(methods) if methods else list_methods()
     for name in names:  # hyperparameters checked before any model is built (MQT's weights come per host)
         if name != "mqt":
@@ -126,12 +151,18 @@ def run_demo(keep: int = 64, k: int = 2, new_tokens: int = 8, repeats: int = 3, 
     rows: list[dict] = []
     with torch.inference_mode():
         for host in hosts:
-            model, processor = builders[host](seed=seed)
-            inputs = tiny_inputs(processor, [image], [DEFAULT_PROMPT])
+            model, inputs = _demo_host(host, seed, image)
             n_img = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
             if keep >= n_img:  # the API's rule: a budget at or above the image's tokens prunes nothing
-                out(f"{host:<11} note: keep={keep} is at or above this image's {n_img} visual tokens, so every "
-                    f"method keeps all of them (the unpruned model); give a smaller --keep to see pruning")
+                out(f"{host:<{HOST_WIDTH}} note: keep={keep} is at or above this image's {n_img} visual tokens, so "
+                    f"every method keeps all of them (the unpruned model); give a smaller --keep to see pruning")
+            unreadable = None       # vlprune.apply's TypeError when vlprune has no adapter for this host's class
+            try:
+                api.apply(model, identity_method())
+            except TypeError as e:
+                unreadable = e
+            finally:
+                api.remove(model)
 
             def prefill():
                 return model(**inputs, use_cache=True, logits_to_keep=1)
@@ -145,55 +176,67 @@ def run_demo(keep: int = 64, k: int = 2, new_tokens: int = 8, repeats: int = 3, 
                 t_pre = _median_time(prefill, repeats)
                 t_gen = _median_time(gen, repeats)
                 # the cost of one prefill and of one generate, from the schedule the engine recorded
-                if method_obj is None:  # unpruned: timed without hooks, cost read through a no-op method
-                    api.apply(model, identity_method())
+                if method_obj is None and unreadable is None:  # unpruned: timed without hooks, cost read
+                    api.apply(model, identity_method())          # through a no-op method
                 try:
                     prefill()
-                    s_pre = api.stats(model)
+                    s_pre = None if unreadable else api.stats(model)
                     tokens = gen()
-                    s_gen = api.stats(model)
+                    s_gen = None if unreadable else api.stats(model)
                 finally:
-                    if method_obj is None:
+                    if method_obj is None and unreadable is None:
                         api.remove(model)
-                n_in = sum(int(i["visual_tokens"]) for i in s_pre["images"] if i["sample"] == 0)
-                row = {
-                    "host": host,
-                    "method": label,
-                    "visual_in": n_in,
-                    "kept": n_in if method_obj is None else kept_tokens(s_pre, method_obj),
-                    "equivalent_tokens": float(s_pre["equivalent_tokens"][0]) if s_pre["equivalent_tokens"] else None,
-                    "prefill_tflops": s_pre["cost"].tflops,
-                    "generate_tflops": s_gen["cost"].tflops,
-                    "scoring_gflops": s_pre["cost"].scoring / 1e9,
-                    "prefill_s": t_pre,
-                    "generate_s": t_gen,
-                    "tokens": tokens[0, -new_tokens:].tolist(),
-                }
+                row = _skipped_row(host, label, "")
+                row.update(skipped=None, prefill_s=t_pre, generate_s=t_gen, tokens=tokens[0, -new_tokens:].tolist())
+                if s_pre is None:           # no adapter: the image's tokens from the prompt, no cost
+                    row.update(visual_in=n_img, kept=n_img)
+                else:
+                    n_in = sum(int(i["visual_tokens"]) for i in s_pre["images"] if i["sample"] == 0)
+                    row.update(
+                        visual_in=n_in,
+                        kept=n_in if method_obj is None else kept_tokens(s_pre, method_obj),
+                        equivalent_tokens=(float(s_pre["equivalent_tokens"][0]) if s_pre["equivalent_tokens"]
+                                           else None),
+                        prefill_tflops=s_pre["cost"].tflops,
+                        generate_tflops=s_gen["cost"].tflops,
+                        scoring_gflops=s_pre["cost"].scoring / 1e9,
+                    )
+                rows.append(row)
+                out(_format_row(row))
+
+            def skip(label: str, reason) -> None:
+                row = _skipped_row(host, label, reason)
                 rows.append(row)
                 out(_format_row(row))
 
             # every method is built and attached once before anything is timed: one that cannot run on this
             # host says why at once
-            runnable = []
+            plan = []               # (name, method, why it cannot run here or None), in the order asked
             for name in names:
+                if unreadable is not None:
+                    plan.append((name, None, unreadable))
+                    continue
                 kw = method_kwargs(name, keep, k)
                 if name == "mqt":  # a learned projector: the tiny model gets a seeded random one
                     kw["weights"] = _random_mqt_folder(model, seed)
                 method_obj = get_method(name, **kw)
                 try:
                     api.apply(model, method_obj)
-                except ValueError as e:  # a method that does not run on this host says why
-                    out(f"{host:<11} {name:<13} skipped: {e}")
+                except (ValueError, TypeError) as e:  # a method that does not run on this host says why
+                    plan.append((name, None, e))
                     continue
                 finally:
                     api.remove(model)
-                runnable.append((name, method_obj))
+                plan.append((name, method_obj, None))
             # the unpruned model: timed without any hooks; its cost read through a method that changes nothing
             measure("(unpruned)", None)
-            for name, method_obj in runnable:
+            for name, method_obj, why in plan:
+                label = name + ("" if name != "fastv" else f" k={k}")
+                if why is not None:
+                    skip(label, why)
+                    continue
                 api.apply(model, method_obj)
                 try:
-                    label = name + ("" if name != "fastv" else f" k={k}")
                     measure(label, method_obj)
                 finally:
                     api.remove(model)
@@ -216,14 +259,21 @@ def _random_mqt_folder(model, seed: int) -> str:
     return folder
 
 
-_HEADER = (f"{'host':<11} {'method':<13} {'visual in':>9} {'kept':>6} {'equiv.':>7} {'TFLOPs pre':>10} "
+HOST_WIDTH = 15  # the host column: "llava-onevision"
+_HEADER = (f"{'host':<{HOST_WIDTH}} {'method':<13} {'visual in':>9} {'kept':>6} {'equiv.':>7} {'TFLOPs pre':>10} "
            f"{'TFLOPs gen':>10} {'prefill s':>9} {'generate s':>10}")
 
 
 def _format_row(r: dict) -> str:
-    eq = "-" if r["equivalent_tokens"] is None else f"{r['equivalent_tokens']:.1f}"
-    return (f"{r['host']:<11} {r['method']:<13} {r['visual_in']:>9} {r['kept']:>6} {eq:>7} "
-            f"{r['prefill_tflops']:>10.5f} {r['generate_tflops']:>10.5f} {r['prefill_s']:>9.4f} {r['generate_s']:>10.4f}")
+    if r.get("skipped"):
+        return f"{r['host']:<{HOST_WIDTH}} {r['method']:<13} skipped: {r['skipped']}"
+
+    def cell(key: str, width: int, fmt: str) -> str:
+        return f"{'-' if r[key] is None else format(r[key], fmt):>{width}}"
+
+    return (f"{r['host']:<{HOST_WIDTH}} {r['method']:<13} {r['visual_in']:>9} {r['kept']:>6} "
+            f"{cell('equivalent_tokens', 7, '.1f')} {cell('prefill_tflops', 10, '.5f')} "
+            f"{cell('generate_tflops', 10, '.5f')} {r['prefill_s']:>9.4f} {r['generate_s']:>10.4f}")
 
 
 def cmd_demo(args) -> int:
@@ -251,7 +301,9 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     rows = run_demo(keep=args.keep, k=args.k, new_tokens=args.new_tokens, repeats=args.repeats, seed=args.seed,
                     hosts=args.hosts, methods=args.methods)
-    print(f"{len(rows)} runs in {time.perf_counter() - t0:.1f} s. Random weights: the generated tokens carry no "
+    skipped = sum(1 for r in rows if r.get("skipped"))
+    runs = f"{len(rows) - skipped} runs" + (f" ({skipped} skipped)" if skipped else "")
+    print(f"{runs} in {time.perf_counter() - t0:.1f} s. Random weights: the generated tokens carry no "
           f"meaning; times are for this machine.")
     if args.json:
         import json
@@ -264,7 +316,8 @@ def cmd_demo(args) -> int:
 
 # ------------------------------------------------------------------------------------------------------ main
 # visual tokens of the demo's 336x336 image on each tiny host (checked against the built models in the tests)
-DEMO_VISUAL_TOKENS = {"llava-1.5": 576, "llava-next": 1176}
+DEMO_VISUAL_TOKENS = {"llava-1.5": 576, "llava-next": 1176, "qwen2-vl": 64, "qwen2.5-vl": 64, "llava-onevision": 664}
+DEMO_HOSTS_DEFAULT = ["llava-1.5", "llava-next"]
 DEMO_LAYERS = 4  # decoder layers of the tiny hosts
 
 
@@ -279,9 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     d = sub.add_parser("demo", help="apply every method to tiny LLaVA-1.5 / LLaVA-NeXT models and print a table",
-                       description="Build tiny random-weight LLaVA-1.5 and LLaVA-NeXT models from configs (offline, "
-                                   "CPU), apply every registered method and print visual tokens kept, FLOPs and "
-                                   "time per method, with the unpruned model first.")
+                       description="Build tiny random-weight models from configs (offline, CPU): LLaVA-1.5 and "
+                                   "LLaVA-NeXT, or the --hosts given (also Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision), "
+                                   "apply every registered method and print visual tokens kept, FLOPs and time per "
+                                   "method, with the unpruned model first; a method a host refuses is a row with "
+                                   "the reason.")
     d.add_argument("--keep", type=positive_int, default=64,
                    help=f"visual tokens to keep (default: 64; the demo image has "
                         f"{', '.join(f'{v} on {k}' for k, v in DEMO_VISUAL_TOKENS.items())})")
@@ -290,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--new-tokens", type=positive_int, default=8, help="tokens to generate (default: 8)")
     d.add_argument("--repeats", type=positive_int, default=3, help="timed repeats; the median is shown (default: 3)")
     d.add_argument("--seed", type=nonneg_int, default=0, help="seed of the random weights and the image (default: 0)")
-    d.add_argument("--hosts", nargs="+", default=["llava-1.5", "llava-next"], choices=list(DEMO_VISUAL_TOKENS))
+    d.add_argument("--hosts", nargs="+", type=demo_host, default=list(DEMO_HOSTS_DEFAULT), metavar="HOST",
+                   help=f"tiny hosts to run, from {', '.join(DEMO_VISUAL_TOKENS)} "
+                        f"(default: {' '.join(DEMO_HOSTS_DEFAULT)})")
     d.add_argument("--methods", nargs="+", type=method_name, default=None,
                    help="methods to run (default: all registered)")
     d.add_argument("--threads", type=nonneg_int, default=0, help="torch threads (default: torch's choice)")
@@ -303,6 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(func=cmd_methods)
     return p
+
+
+def demo_host(text: str) -> str:
+    """One tiny host of ``vlprune demo --hosts`` (case-insensitive)."""
+    from .cliargs import did_you_mean
+
+    name = str(text).strip().lower()
+    if name not in DEMO_VISUAL_TOKENS:
+        raise argparse.ArgumentTypeError(f"unknown host {text!r}{did_you_mean(name, list(DEMO_VISUAL_TOKENS))}; "
+                                         f"choose from {', '.join(DEMO_VISUAL_TOKENS)}")
+    return name
 
 
 def check_demo(args, parser) -> None:
