@@ -1,6 +1,7 @@
-"""Qwen2-VL and Qwen2.5-VL hosts against independent references: the received-attention score recomputed by hand
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL hosts against independent references: the received-attention score recomputed by hand
 from the tower's blocks, M-RoPE no-cache decoding of the kept tokens at their own (t, h, w) positions, FastV against
-a masked no-cache run, batch = one by one, a second turn, and the refusals (video, ViT merging, MQT, Qwen3-VL)."""
+a masked no-cache run, batch = one by one, a second turn, and the refusals (video, ViT merging, MQT). Qwen3-VL as
+well: its references add the DeepStack rows of the kept image tokens."""
 from __future__ import annotations
 
 import sys
@@ -13,8 +14,9 @@ from conftest import drop_mask, greedy_reference
 from vlprune import hosts_tiny as H
 from vlprune.testing import synthetic_image
 
-BUILDERS = {"qwen2_vl": H.tiny_qwen2_vl, "qwen2_5_vl": H.tiny_qwen2_5_vl}
-SIZES = [(112, 84), (168, 112)]  # 12 and 24 LLM tokens
+BUILDERS = {"qwen2_vl": H.tiny_qwen2_vl, "qwen2_5_vl": H.tiny_qwen2_5_vl, "qwen3_vl": H.tiny_qwen3_vl}
+SIZES = [(112, 84), (168, 112)]
+TOKENS = {"qwen2_vl": [12, 24], "qwen2_5_vl": [12, 24], "qwen3_vl": [12, 20]}  # LLM tokens of each size (Qwen3: 32 px)
 _CACHE: dict = {}
 
 
@@ -82,13 +84,14 @@ def _shares(model, visual, blk, seen, inputs):
     return out
 
 
-@pytest.mark.parametrize("name, layer", [("qwen2_vl", 1), ("qwen2_vl", 0), ("qwen2_5_vl", 3), ("qwen2_5_vl", 0)])
+@pytest.mark.parametrize("name, layer", [("qwen2_vl", 1), ("qwen2_vl", 0), ("qwen2_5_vl", 3), ("qwen2_5_vl", 0),
+                                         ("qwen3_vl", 3), ("qwen3_vl", 1)])
 def test_cls_attn_keeps_the_top_received_attention(name, layer):
     """layer 0 of Qwen2.5-VL attends in windows, layer 3 over the whole image."""
     model, proc = host(name)
     inputs = H.tiny_host_inputs(proc, images())
     ref = _reference_shares(model, inputs, layer)
-    assert [r.numel() for r in ref] == [12, 24]
+    assert [r.numel() for r in ref] == TOKENS[name]
     for r in ref:  # shares of an image's tokens add up to 1 (every query's attention is spread over its image)
         assert abs(float(r.sum()) - 1.0) < 1e-4
     with vlprune.pruned(model, "cls_attn", keep=5, layer=layer):
@@ -119,20 +122,32 @@ def _mrope_reference(model, inputs, kept_img, n_new, extra_ids=None):
     pos, delta = base.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
                                      image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
     with torch.no_grad():
-        feats = torch.cat(list(base.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output))
+        out = base.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        feats = torch.cat(list(out.pooler_output))
         emb = model.get_input_embeddings()(ids)
         emb = emb.masked_scatter((ids == model.config.image_token_id)[..., None], feats)
     img = ids[0] == model.config.image_token_id
     keep = torch.cat([(~img).nonzero().squeeze(1), kept_img]).sort().values
     E, P = emb[0, keep], pos[:, 0, keep]
+    deepstack = {}
+    if getattr(out, "deepstack_features", None):  # Qwen3-VL: the taps' rows of the kept image tokens
+        rank = torch.cumsum(img.long(), 0) - 1
+        rows = rank[kept_img.sort().values]
+        deepstack = {"mask": img[keep], "embeds": [torch.cat(list(t))[rows] for t in out.deepstack_features]}
     t = ids.shape[1]
     later = [] if extra_ids is None else extra_ids.tolist()
     out = []
     with torch.no_grad():
         for step in range(len(later) + n_new):
             if step >= len(later):
+                extra = {}
+                if deepstack:
+                    mask = torch.zeros(1, E.shape[0], dtype=torch.bool)
+                    mask[0, :deepstack["mask"].numel()] = deepstack["mask"]
+                    extra = {"visual_pos_masks": mask, "deepstack_visual_embeds": deepstack["embeds"]}
                 hs = base.language_model(inputs_embeds=E[None], position_ids=P[:, None],
-                                         attention_mask=torch.ones(1, E.shape[0], dtype=torch.long)).last_hidden_state
+                                         attention_mask=torch.ones(1, E.shape[0], dtype=torch.long),
+                                         **extra).last_hidden_state
                 nxt = int(model.lm_head(hs[:, -1]).argmax(-1))
                 out.append(nxt)
             else:
@@ -167,8 +182,8 @@ def test_fastv_generate_matches_masked_no_cache_reference(name):
         with torch.no_grad():
             gen = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
         st = vlprune.stats(model)
-    assert st["visual_per_layer"][0] == [24, 24, 8, 8]
     img = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(1)
+    assert st["visual_per_layer"][0] == [img.numel()] * 2 + [8, 8]
     dropped = img[~torch.isin(img, st["kept_positions"][0])]
     ref, ref_logits = greedy_reference(model, inputs, 6, drop_mask(lambda L: torch.ones(1, L), [dropped]),
                                        from_layer=2)
@@ -213,7 +228,7 @@ def test_two_images_in_one_prompt(name):
         with torch.no_grad():
             gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1]:]
         st = vlprune.stats(model)
-    assert [(i["sample"], i["visual_tokens"], i["kept"]) for i in st["images"]] == [(0, 12, 5), (0, 24, 5)]
+    assert [(i["sample"], i["visual_tokens"], i["kept"]) for i in st["images"]] == [(0, n, 5) for n in TOKENS[name]]
     kept, img = _kept_positions(model, inputs, st, 0)
     assert gen.tolist() == _mrope_reference(model, inputs, kept, 4)
 
@@ -273,9 +288,6 @@ def test_refusals_name_the_host_and_the_fix():
     with pytest.raises(ValueError, match=r"mqt: .*Qwen2_5_VLForConditionalGeneration.*patch merger"):
         vlprune.apply(model, "mqt", keep=8)
     assert not vlprune.is_applied(model)
-    m3, _ = H.tiny_qwen3_vl(seed=0)
-    with pytest.raises(TypeError, match=r"Qwen3VLForConditionalGeneration': its DeepStack"):
-        vlprune.apply(m3, "random", keep=8)
 
 
 def test_video_is_refused_with_a_clear_message():

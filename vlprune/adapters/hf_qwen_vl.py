@@ -1,4 +1,5 @@
-"""Seams of transformers' Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration.
+"""Seams of transformers' Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration and
+Qwen3VLForConditionalGeneration.
 
 This file describes the host; the runtime is ``vlprune.engine`` (with ``engine.packed`` for the vision tower). What
 the host says:
@@ -16,7 +17,10 @@ the host says:
 - image tokens ``input_ids == config.image_token_id``; each image's ``image_grid_thw`` row where the host's own
   ``get_image_features`` receives it (wrapped on the instance); one raster grid of (h/2) x (w/2) tokens per image.
   Several images per prompt and batches with padding work as for LLaVA. Video input is refused (``get_video_features``
-  raises): video tokens are a different placeholder that vlprune does not prune.
+  raises): video tokens are a different placeholder that vlprune does not prune;
+- Qwen3-VL: the decoder's ``_deepstack_process`` (DeepStack features added at the image tokens after the first
+  decoder layers) is wrapped on the instance so that its mask and rows follow the kept tokens; its attention's
+  ``q_norm`` / ``k_norm`` are applied wherever the engine computes attention rows.
 
 Legend: B batch, T sequence, N visual tokens, K kept.
 """
@@ -31,16 +35,19 @@ from .base import register_adapter
 
 
 def _qwen_classes():
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
+                              Qwen3VLForConditionalGeneration)
 
-    return Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+    return Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
 
 @register_adapter
 class HFQwenVLAdapter(PackedVisionRuntime, Engine):
-    """transformers ``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration``."""
+    """transformers ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` and
+    ``Qwen3VLForConditionalGeneration``."""
 
-    supported = "transformers Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration"
+    supported = ("transformers Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, "
+                 "Qwen3VLForConditionalGeneration")
     multi_axis = True
 
     @classmethod
@@ -114,6 +121,9 @@ class HFQwenVLAdapter(PackedVisionRuntime, Engine):
                 f"prune. Run videos without pruning (vlprune.remove(model) or the vlprune.pruned context) or pass the "
                 f"frames as images")
 
+        if hasattr(self.text, "_deepstack_process"):  # Qwen3-VL: DeepStack rows follow the kept image tokens
+            self.text._deepstack_process = self._deepstack(state, self.text._deepstack_process)
+            state.restore.append(lambda: delattr(self.text, "_deepstack_process"))
         self.base.get_image_features = get_image_features
         self.base.get_video_features = get_video_features
         state.restore.append(lambda: delattr(self.base, "get_image_features"))

@@ -154,8 +154,8 @@ class LayerRuntime:
             b, t, d = x.shape
             rows = rows.to(x.device)
             r = rows.shape[1]
-            q = attn.q_proj(gather_rows(x, rows)).view(b, r, -1, hd).transpose(1, 2)  # (B, H, R, hd)
-            k = attn.k_proj(x).view(b, t, -1, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+            q = _qk_norm(attn, "q", attn.q_proj(gather_rows(x, rows)).view(b, r, -1, hd)).transpose(1, 2)  # (B, H, R, hd)
+            k = _qk_norm(attn, "k", attn.k_proj(x).view(b, t, -1, hd)).transpose(1, 2)  # (B, Hkv, T, hd)
             cos, sin = position_embeddings
             if cos.shape[0] != b:
                 cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
@@ -181,8 +181,8 @@ class LayerRuntime:
             attn = self.layers[layer].self_attn
             hd = attn.head_dim
             b, t, _ = cap["k"].shape
-            q = cap["q"].view(b, t, -1, hd).transpose(1, 2)  # (B, H, T, hd)
-            k = cap["k"].view(b, t, -1, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+            q = _qk_norm(attn, "q", cap["q"].view(b, t, -1, hd)).transpose(1, 2)  # (B, H, T, hd)
+            k = _qk_norm(attn, "k", cap["k"].view(b, t, -1, hd)).transpose(1, 2)  # (B, Hkv, T, hd)
             cos, sin = cap["cos"], cap["sin"]
             if cos.shape[0] != b:
                 cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
@@ -197,3 +197,31 @@ class LayerRuntime:
             return probs
 
         return rows_fn
+
+    def _deepstack(self, state, original):
+        """A wrapper of the decoder's ``_deepstack_process(hidden, visual_pos_masks, embeds)`` (Qwen3-VL's DeepStack:
+        vision features added at the image tokens after the first decoder layers, from a mask and rows of the whole
+        prompt): in a pruned prefill the mask and the rows become those of the image tokens the layer still has."""
+
+        def deepstack_process(hidden_states, visual_pos_masks, visual_embeds):
+            call = state.call
+            if call is None or call["mode"] != "prefill" or not state.seq.per_layer:
+                return original(hidden_states, visual_pos_masks, visual_embeds)
+            orig, valid, visual = state.seq.per_layer[-1]  # the sequence of the layer that just ran
+            if orig.shape == visual_pos_masks.shape and torch.equal(orig, torch.arange(orig.shape[1], device=orig.device)
+                                                                    .expand_as(orig)):
+                return original(hidden_states, visual_pos_masks, visual_embeds)
+            full = visual_pos_masks.to(orig.device)
+            rank = (torch.cumsum(full.reshape(-1).long(), 0) - 1).reshape(full.shape)  # row of each image token
+            now = visual & valid
+            rows = rank.gather(1, orig.clamp(min=0))[now]
+            return original(hidden_states, now, visual_embeds[rows.to(visual_embeds.device)])
+
+        return deepstack_process
+
+
+def _qk_norm(attn, which: str, x: torch.Tensor) -> torch.Tensor:
+    """Per-head q/k normalisation where the attention module has one (Qwen3: ``q_norm`` / ``k_norm`` on (..., hd)
+    before RoPE); x: (B, T, H, hd)."""
+    norm = getattr(attn, f"{which}_norm", None)
+    return x if norm is None else norm(x)
