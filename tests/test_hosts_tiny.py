@@ -79,9 +79,9 @@ def test_batch_greedy_equals_one_by_one(name):
     assert len(set(batch[0].tolist())) > 1 or len(set(batch[1].tolist())) > 1  # not one token over and over
 
 
-@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("name", [n for n in BUILDERS if n != "llava_onevision"])  # OneVision: test_hosts_contract.py
 def test_apply_refuses_the_host_by_class_name(name):
-    """Today's behaviour: no adapter matches, so apply raises before touching the model."""
+    """Hosts without an adapter: none matches, so apply raises before touching the model."""
     model, _ = host(name)
     cls = type(model).__name__
 

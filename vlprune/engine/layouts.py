@@ -55,11 +55,12 @@ def base_newline_layout(s: int) -> ImageLayout:
 
 
 def anyres_layout(s: int, n_crops: int, tiles: tuple[int, int] | None,
-                  unpad: Callable[[torch.Tensor], torch.Tensor]) -> ImageLayout:
+                  unpad: Callable[[torch.Tensor], torch.Tensor], offset: int = 1) -> ImageLayout:
     """LLaVA-NeXT AnyRes packing: the base view (s x s, no newline), then the crops as one (rows*s, cols*s) grid,
     unpadded by the host's own ``unpad`` of a (C, H, W) grid, with a newline after each row; a single view (``tiles``
-    None) is the base view and one newline."""
-    base_vit = torch.arange(1, s * s + 1)
+    None) is the base view and one newline. ``offset``: the ViT sequence index of each view's first patch (1 behind a
+    CLS token, 0 in a tower without one)."""
+    base_vit = torch.arange(offset, s * s + offset)
     kinds, crops, vits, grids = [torch.full((s * s,), TOKEN_PATCH)], [torch.zeros(s * s, dtype=torch.long)], [base_vit], []
     parts = [Partition("base", torch.arange(s * s), (s, s))]
     if n_crops > 1:
@@ -67,7 +68,7 @@ def anyres_layout(s: int, n_crops: int, tiles: tuple[int, int] | None,
         r = torch.arange(nph * s)[:, None].expand(nph * s, npw * s)
         c = torch.arange(npw * s)[None, :].expand(nph * s, npw * s)
         crop = 1 + (r // s) * npw + (c // s)
-        vit = 1 + (r % s) * s + (c % s)
+        vit = offset + (r % s) * s + (c % s)
         idx = torch.stack([crop, vit, r // s, c // s]).float()  # (4, H, W), unpadded exactly as the host does
         idx = unpad(idx).long()
         hh, ww = idx.shape[1:]
