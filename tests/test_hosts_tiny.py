@@ -1,6 +1,6 @@
 """The tiny Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision / Qwen3-VL hosts of vlprune.hosts_tiny: they run, batch like
-single samples, and show the layout facts recorded in the module docstring. vlprune has no adapter for them yet:
-``vlprune.apply`` refuses them by class name."""
+single samples, and show the layout facts recorded in the module docstring, which the adapters
+(``vlprune/adapters/hf_qwen_vl.py``, ``hf_onevision.py``) rely on."""
 from __future__ import annotations
 
 import pytest
@@ -79,20 +79,29 @@ def test_batch_greedy_equals_one_by_one(name):
     assert len(set(batch[0].tolist())) > 1 or len(set(batch[1].tolist())) > 1  # not one token over and over
 
 
-@pytest.mark.parametrize("name", [n for n in BUILDERS if n != "llava_onevision"])  # OneVision: test_hosts_contract.py
-def test_apply_refuses_the_host_by_class_name(name):
-    """Hosts without an adapter: none matches, so apply raises before touching the model."""
-    model, _ = host(name)
-    cls = type(model).__name__
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_apply_recognises_the_host_and_remove_leaves_it_as_it_was(name):
+    """Each host has an adapter now (what each method does there: tests/test_hosts_contract.py and
+    tests/test_hosts_qwen.py); apply attaches, remove leaves the model's hooks and attributes as they were."""
+    model, proc = host(name)
+    inputs = H.tiny_host_inputs(proc, images())
+    with torch.no_grad():
+        ref = model(**inputs).logits  # transformers leaves output-capturing hooks on the tower after its first call
 
-    def hooks():  # transformers itself leaves output-capturing hooks on the tower after its first call
+    def hooks():
         return [(n, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()]
 
-    before = hooks()
-    with pytest.raises(TypeError, match=rf"does not support model class '{cls}'") as e:
-        vlprune.apply(model, "pool", keep=8)
-    assert "Supported:" in str(e.value) and "LlavaForConditionalGeneration" in str(e.value)
-    assert getattr(model, "_vlprune", None) is None and hooks() == before
+    before, attrs = hooks(), set(vars(model.model))
+    vlprune.apply(model, "random", keep=8)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        assert [i["kept"] for i in vlprune.stats(model)["images"]] == [8, 8]
+    finally:
+        vlprune.remove(model)
+    assert getattr(model, "_vlprune", None) is None and hooks() == before and set(vars(model.model)) == attrs
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
 
 
 def test_processors_need_no_video_processor_and_keep_host_tokens():

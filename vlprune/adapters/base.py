@@ -25,7 +25,7 @@ def register_adapter(cls: type) -> type:
 
 
 def find_adapter(model):
-    from . import hf_llava, hf_onevision, llava_repo, vision_towers  # noqa: F401  (the built-in adapters)
+    from . import hf_llava, hf_onevision, hf_qwen_vl, llava_repo, vision_towers  # noqa: F401  (the built-in adapters)
 
     for cls in _ADAPTERS:
         if cls.matches(model):

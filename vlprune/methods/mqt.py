@@ -285,7 +285,9 @@ class MQT(Method):
 
     def check(self, info: HostInfo) -> None:
         if info.anyres:
-            raise ValueError("mqt: MQT-LLaVA is a LLaVA-1.5 model; LLaVA-NeXT (AnyRes) hosts are not supported")
+            host = f" ({info.host})" if info.host else ""
+            raise ValueError(f"mqt: MQT-LLaVA is a LLaVA-1.5 model; AnyRes hosts{host} such as LLaVA-NeXT are not "
+                             f"supported")
 
     def build_projector(self, model, original):
         if isinstance(original, MQTHost):
