@@ -359,3 +359,18 @@ def test_received_attention_equals_the_softmax_column_sums(device_path):
     ref = torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1).sum(2)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert flops == (4.0 * 2 * 3 * 70 * 70 * 33 if device_path == "fused" else 2.0 * 2 * 3 * 70 * 70 * 17)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("method, kw", [("random", {"keep": 7}), ("fastv", {"k": 2, "keep": 7})])
+def test_right_padding_forward_equals_one_by_one(name, method, kw):
+    """Right padding: each sample's rows come first in the compacted batch, so its last real token is at the lone
+    run's last index."""
+    model, proc = host(name)
+    batch = H.tiny_host_inputs(proc, images(), padding_side="right")
+    with vlprune.pruned(model, method, **kw), torch.no_grad():
+        out = model(**batch).logits
+        assert out.shape[1] < batch["input_ids"].shape[1]
+        for b in range(2):
+            ref = model(**one(proc, b)).logits[0]
+            torch.testing.assert_close(out[b, ref.shape[0] - 1], ref[-1], rtol=1e-4, atol=1e-4)
