@@ -124,20 +124,9 @@ class HFLlavaOnevisionAdapter(Engine):
                                 "crops": self._views_per_image(sizes, bound.get("batch_num_images"))}
             return original_gif(*args, **kwargs)
 
-        original_gvf = self.base.get_video_features
-
-        @functools.wraps(original_gvf)
-        def get_video_features(*args, **kwargs):
-            raise ValueError(
-                f"vlprune prunes image tokens; video inputs (pixel_values_videos) of {HOST} are not supported while "
-                f"a method is applied. Run videos on the unpatched model: vlprune.remove(model) (or use "
-                f"`with vlprune.pruned(model, ...)` around image calls only)."
-            )
-
         self.base.get_image_features = get_image_features
-        self.base.get_video_features = get_video_features
         state.restore.append(lambda: delattr(self.base, "get_image_features"))
-        state.restore.append(lambda: delattr(self.base, "get_video_features"))
+        self.refuse_videos(state, self.base)
         h.append(self.base.register_forward_pre_hook(self._mm_pre(state, self.config.image_token_id), with_kwargs=True))
 
     def layouts(self, n_images: int, image_sizes, crops=None) -> list[ImageLayout]:

@@ -111,23 +111,12 @@ class HFQwenVLAdapter(PackedVisionRuntime, Engine):
             state.image_call = {"image_sizes": grid, "n_images": None if grid is None else int(grid.shape[0])}
             return original(*args, **kwargs)
 
-        video = self.base.get_video_features
-        host = type(self.model).__name__
-
-        @functools.wraps(video)
-        def get_video_features(*args, **kwargs):
-            raise ValueError(
-                f"vlprune prunes image tokens; {host} was given a video (pixel_values_videos), whose tokens it does not "
-                f"prune. Run videos without pruning (vlprune.remove(model) or the vlprune.pruned context) or pass the "
-                f"frames as images")
-
         if hasattr(self.text, "_deepstack_process"):  # Qwen3-VL: DeepStack rows follow the kept image tokens
             self.text._deepstack_process = self._deepstack(state, self.text._deepstack_process)
             state.restore.append(lambda: delattr(self.text, "_deepstack_process"))
         self.base.get_image_features = get_image_features
-        self.base.get_video_features = get_video_features
         state.restore.append(lambda: delattr(self.base, "get_image_features"))
-        state.restore.append(lambda: delattr(self.base, "get_video_features"))
+        self.refuse_videos(state, self.base)
         state.handles.append(
             self.base.register_forward_pre_hook(self._mm_pre(state, self.config.image_token_id), with_kwargs=True))
 

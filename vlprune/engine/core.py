@@ -41,6 +41,7 @@ Legend: B batch, T sequence, N visual tokens, D hidden, H heads, K kept.
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 from ..methods.base import Compose, HostInfo, Stage, check_positions
@@ -72,6 +73,23 @@ class Engine(VisionRuntime, PrefillRuntime, LayerRuntime, CacheRuntime):
 
     def layouts(self, n_images: int, image_sizes, crops=None) -> list:  # pragma: no cover - host description
         raise NotImplementedError
+
+    def refuse_videos(self, state, owner) -> None:
+        """Make ``owner.get_video_features`` (an instance attribute, removed by ``remove``) raise while a method is
+        applied: vlprune prunes image tokens, and a host's video tokens are a placeholder of their own with their own
+        packing, which it would otherwise prune as images or mis-count."""
+        host = type(self.model).__name__
+        original = owner.get_video_features
+
+        @functools.wraps(original)
+        def get_video_features(*args, **kwargs):
+            raise ValueError(
+                f"vlprune prunes image tokens; video inputs (pixel_values_videos) of {host} are not supported while a "
+                f"method is applied. Run videos on the unpatched model: vlprune.remove(model), or "
+                f"`with vlprune.pruned(model, ...)` around image calls only")
+
+        owner.get_video_features = get_video_features
+        state.restore.append(lambda: delattr(owner, "get_video_features"))
 
     def rotary(self, hs, position_ids):
         """The decoder's own (cos, sin) for ``position_ids`` (B|1, T)."""
