@@ -184,6 +184,13 @@ ROWS = [
          out="{tmp}/b3"),
     _bad("bench unknown dtype", BENCH + ["--dtype", "float8"], "'float8'", "auto"),
     _bad("bench unknown size", BENCH + ["--size", "huge"], "'huge'", "bench-S"),
+    _bad("bench unknown host", BENCH + ["--host", "qwen"], "'qwen'", "qwen2.5-vl"),
+    _bad("bench qwen image too small", BENCH + ["--host", "qwen2.5-vl", "--image-size", "20x20", "--out",
+                                                "{tmp}/b4/x.json"], "--image-size 20x20", "28 px", out="{tmp}/b4"),
+    _bad("bench qwen k beyond tiny", BENCH + ["--host", "qwen2.5-vl", "--size", "tiny", "--k", "4"], "--k 4",
+         "4 layers"),
+    _bad("bench qwen mqt", BENCH + ["--host", "qwen2.5-vl", "--methods", "mqt", "--keep", "16", "--out",
+                                    "{tmp}/b5/x.json"], "--methods mqt", "patch merger", out="{tmp}/b5"),
     _bad("gpu.sh missing folder argument", GPU_SH, "OUT"),
     # ---------------------------------------------------------------------------------------------- demo app
     Row("app --help", APP + ["--help"], stdout=("--model", "--dtype")),
