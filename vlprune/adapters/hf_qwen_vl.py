@@ -34,11 +34,7 @@ from ..methods.base import Stage
 from .base import register_adapter
 
 
-def _qwen_classes():
-    from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
-                              Qwen3VLForConditionalGeneration)
-
-    return Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+HOSTS = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
 
 
 @register_adapter
@@ -51,8 +47,8 @@ class HFQwenVLAdapter(PackedVisionRuntime, Engine):
     multi_axis = True
 
     @classmethod
-    def matches(cls, model) -> bool:
-        return isinstance(model, _qwen_classes())
+    def matches(cls, model) -> bool:  # by class name: no import of the host's modules for other models
+        return any(c.__name__ in HOSTS and c.__module__.startswith("transformers.") for c in type(model).__mro__)
 
     def __init__(self, model):
         self.model = model
