@@ -374,3 +374,18 @@ def test_right_padding_forward_equals_one_by_one(name, method, kw):
         for b in range(2):
             ref = model(**one(proc, b)).logits[0]
             torch.testing.assert_close(out[b, ref.shape[0] - 1], ref[-1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method, kw, at", [("random", {"keep": 8}, 0), ("fastv", {"k": 2, "keep": 8}, 2)])
+def test_a_pruned_batch_drops_its_padding_too(method, kw, at):
+    """Images of very different sizes: the short sample's padding goes with the dropped tokens, so the batch runs at
+    the longest kept row, not at the padded prompt's length."""
+    model, proc = host("qwen2_vl")
+    batch = H.tiny_host_inputs(proc, [synthetic_image((112, 84)), synthetic_image((224, 224), seed=1)])
+    valid = batch["attention_mask"].sum(1)
+    n_img = (batch["input_ids"] == model.config.image_token_id).sum(1)
+    with vlprune.pruned(model, method, **kw), torch.no_grad():
+        model(**batch)
+        q = vlprune.stats(model)["schedule"].llm[0].q_per_layer
+    assert n_img.tolist() == [12, 64] and q[:at] == [batch["input_ids"].shape[1]] * at
+    assert q[at:] == [int((valid - n_img + 8).max())] * (4 - at)

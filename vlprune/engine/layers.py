@@ -67,7 +67,8 @@ class LayerRuntime:
                     if kv.numel() and not bool(seq.visual[b_i, kv].all()):
                         raise ValueError(f"{p.name}.prune returned indices that are not visual tokens at layer {i}")
                     dropped |= kv.numel() < vis.numel()
-                    lists.append(torch.cat([(~seq.visual[b_i]).nonzero().squeeze(1), kv]).unique().sort().values)
+                    text = (~seq.visual[b_i] & seq.valid[b_i]).nonzero().squeeze(1)  # padding goes too
+                    lists.append(torch.cat([text, kv]).unique().sort().values)
                 if not dropped:
                     continue
                 sel = Selection.from_lists(lists, seq.valid, left=call["left"])

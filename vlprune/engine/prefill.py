@@ -109,7 +109,8 @@ class PrefillRuntime:
         keep_lists = []
         new_feats = {}  # (sample, prompt position) -> feature row
         for b_i in range(b):
-            keep_lists.append([(~img_mask[b_i]).nonzero().squeeze(1)])
+            # text tokens; the sample's padding goes (each row is padded again to the longest kept row)
+            keep_lists.append([(~img_mask[b_i] & valid[b_i]).nonzero().squeeze(1)])
         protected = []  # (sample, prompt position) of protected tokens
         for img, span, crop_offset in images:
             sel_keep = torch.arange(img.n)
