@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ..engine.selection import run_selections  # noqa: F401  (used by vision_towers.py)
-
 
 class Adapter(Protocol):
     """A host's seams. ``matches`` recognises the model; ``attach`` installs hooks into a PruneState."""

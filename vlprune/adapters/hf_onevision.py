@@ -5,7 +5,7 @@ This file describes the host; the runtime (every hook and what it does) is ``vlp
 - decoder ``model.model.language_model`` (Qwen2) and its ``layers``; rotary embedding ``language_model.rotary_emb``
   (1-D positions); the cache arrives as ``cache`` / ``past_key_values``;
 - vision tower ``model.model.vision_tower``, a SigLIP encoder (``encoder.layers``) with no CLS token: the engine's
-  "CLS attention" is then the mean attention each patch receives (``cls_token = False``, ``ops.received_logits``) and
+  "CLS attention" is then the mean attention each patch receives (``cls_token = False``, ``ops.received_attention``) and
   every view's patch p has ViT index p; feature layer from the config, strategy "full" (all patches);
 - projector ``model.model.multi_modal_projector``, LLaVA's 2-layer GELU MLP (swapped for a PROJECTOR method);
 - image tokens: ``input_ids == config.image_token_id`` at ``model.model``'s input (the engine's ``_mm_pre``); image

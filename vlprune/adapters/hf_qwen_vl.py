@@ -30,7 +30,6 @@ import functools
 import sys
 
 from ..engine import Engine, PackedVisionRuntime, token_grid_layout
-from ..methods.base import Stage
 from .base import register_adapter
 
 
@@ -45,6 +44,7 @@ class HFQwenVLAdapter(PackedVisionRuntime, Engine):
     supported = ("transformers Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, "
                  "Qwen3VLForConditionalGeneration")
     multi_axis = True
+    fixed_projector = "has a patch merger inside its vision tower, which it cannot replace"
 
     @classmethod
     def matches(cls, model) -> bool:  # by class name: no import of the host's modules for other models
@@ -68,17 +68,6 @@ class HFQwenVLAdapter(PackedVisionRuntime, Engine):
         self.windowed = hasattr(self.vision, "fullatt_block_indexes")
         self.init_geometry(-1)  # the merger reads the last block's output
         self.cost_config = self.config
-
-    def attach(self, state) -> None:
-        method = state.method
-        parts = list(getattr(method, "methods", [method]))
-        for p in parts:
-            if Stage.PROJECTOR in p.stages:
-                raise ValueError(
-                    f"{p.name}: replaces LLaVA's projector with a trained query transformer; "
-                    f"{type(self.model).__name__} has a patch merger inside its vision tower, which it cannot replace. "
-                    f"Use a method without a PROJECTOR stage")
-        super().attach(state)
 
     def token_order(self, grid_thw):
         """Qwen2.5-VL: the raster index of each merger-input token slot (window order); Qwen2-VL: None."""

@@ -35,7 +35,8 @@ and define:
   order the host packs image tokens (builders for common layouts in ``layouts.py``).
 
 Optional overrides: ``rotary(hs, position_ids)`` (default ``text.rotary_emb``), ``apply_rope`` (default the
-attention module's ``apply_rotary_pos_emb``, set by ``init_geometry``).
+attention module's ``apply_rotary_pos_emb``, set by ``init_geometry``); class attributes ``cls_token`` (False for
+a tower without one), ``multi_axis`` (M-RoPE positions), ``fixed_projector`` (why PROJECTOR methods are refused).
 
 Legend: B batch, T sequence, N visual tokens, D hidden, H heads, K kept.
 """
@@ -60,6 +61,7 @@ class Engine(VisionRuntime, PrefillRuntime, LayerRuntime, CacheRuntime):
 
     supported = "(abstract engine)"
     multi_axis = False  # M-RoPE: position ids (3|4, B, T) from the host's rope index (see engine/positions.py)
+    fixed_projector = None  # why the host's projector cannot be replaced (PROJECTOR methods are then refused), or None
 
     # ------------------------------------------------------------------------------------------------ host seams
     def get_projector(self):  # pragma: no cover - host description
@@ -120,6 +122,12 @@ class Engine(VisionRuntime, PrefillRuntime, LayerRuntime, CacheRuntime):
     def attach(self, state) -> None:
         method = state.method
         parts = _parts(method)
+        if self.fixed_projector is not None:
+            for p in parts:
+                if Stage.PROJECTOR in p.stages:
+                    raise ValueError(
+                        f"{p.name}: replaces LLaVA's projector with a trained query transformer; "
+                        f"{type(self.model).__name__} {self.fixed_projector}. Use a method without a PROJECTOR stage")
         method.check(self.info)
         n = self.info.n_layers
         self.vit_layers = sorted(

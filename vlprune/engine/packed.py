@@ -73,9 +73,7 @@ class PackedVisionRuntime:
             state.vit_merge = None
             order = self.token_order(grid) if self.token_order is not None else None
             state._packed = {"grid": grid, "order": order, "at": {}}
-            call = cost.VisionCall(batch=int(grid.shape[0]), tokens_per_layer=[])
-            call.groups = []
-            state.run.vision.append(call)
+            state.run.vision.append(cost.VisionCall(batch=int(grid.shape[0]), tokens_per_layer=[], groups=[]))
             return None
 
         return hook

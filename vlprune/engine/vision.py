@@ -37,7 +37,8 @@ class VisionRuntime:
     ``cls_token``: whether the tower's sequence starts with a CLS token. Without one (SigLIP, Qwen-VL's ViT) the
     CLS-attention scores that methods read (``ImageTokens.cls_logits`` / ``cls_attention``) are replaced by the mean
     attention each patch receives from all patches of its sequence in the same layer, as log-probabilities
-    (``ops.received_logits``): the rule of VisionZip and VisPruner for encoders without CLS.
+    (``ops.received_attention`` over the sequence length): the rule of VisionZip and VisPruner for encoders without
+    CLS.
     """
 
     cls_token = True
@@ -81,7 +82,7 @@ class VisionRuntime:
             if self.cls_token:
                 logits = cls_logits_from_qk(q, out, heads, scale)  # (Bv, H, S)
                 state.run.scoring_flops += 2.0 * b * s * hd_all
-            else:  # no CLS row: the mean attention each patch receives (ops.received_logits)
+            else:  # no CLS row: the mean attention each patch receives, as log-shares
                 hd = hd_all // heads
                 qh = q.reshape(b, s, heads, hd).transpose(1, 2)
                 kh = out.reshape(b, s, heads, hd).transpose(1, 2)

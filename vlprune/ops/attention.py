@@ -35,6 +35,7 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: in
     wanted (the kernel also multiplies by values of the same width: 4*B*H*S*S*(2*hd + 1) FLOPs in all). Elsewhere
     (or with ``fused=False``) softmax rows are summed ``chunk`` queries at a time: 2*B*H*S*S*(hd + 1).
     """
+    b, h, s, hd = q.shape
     kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if fused is None:
         fused = q.device.type == "cpu" and kernel is not None
@@ -43,9 +44,7 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: in
         qq = torch.cat([q * scale, (-lse[..., None]).to(q.dtype)], -1)
         kk = torch.cat([k, torch.ones_like(k[..., :1])], -1)
         _, lse_k = kernel(kk, qq, qq, 0.0, False, scale=1.0)
-        b, h, s, hd = q.shape
         return lse_k.float().exp(), 4.0 * b * h * s * s * (2 * hd + 1)
-    b, h, s, hd = q.shape
     kt = k.float().transpose(-1, -2)
     qs = q.float() * scale
     total = torch.zeros(b, h, s, dtype=torch.float32, device=q.device)
@@ -54,16 +53,6 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: in
         p.sub_(p.amax(-1, keepdim=True)).exp_()
         total += torch.matmul((1.0 / p.sum(-1, keepdim=True)).transpose(-1, -2), p).squeeze(-2)
     return total, 2.0 * b * h * s * s * (hd + 1)
-
-
-def received_logits(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
-    """The no-CLS score: the mean softmax attention each token receives from every query of its sequence, as
-    log-probabilities, so that a softmax over keys gives it back as a distribution (what ``cls_logits_from_qk`` gives
-    for a CLS row). The rule VisionZip and VisPruner use for towers without a CLS token (SigLIP, Qwen-VL's ViT).
-
-    q, k: (B, H, S, hd) as for ``received_attention``. Returns (B, H, S) float32.
-    """
-    return log_share(received_attention(q, k, scale, chunk)[0] / q.shape[2])
 
 
 def log_share(p: torch.Tensor) -> torch.Tensor:
