@@ -20,6 +20,29 @@ METHOD_KWARGS = {"fastv": {"k": 2}, "todre": {"tau": 0.0}}
 _MQT_DIR = []
 
 
+# the tiny hosts of vlprune.hosts_tiny, each built once per session and run once (transformers adds its
+# output-capturing hooks to the tower on the first call), and the two image sizes their tests batch together
+NEW_HOST_SIZES = [(112, 84), (168, 112)]  # (width, height)
+_NEW_HOSTS: dict = {}
+
+
+def new_host(name: str):
+    """(model, processor) of ``vlprune.hosts_tiny.tiny_<name>(seed=0)``, shared by the test files."""
+    if name not in _NEW_HOSTS:
+        from vlprune import hosts_tiny
+
+        model, proc = getattr(hosts_tiny, f"tiny_{name}")(seed=0)
+        with torch.no_grad():
+            model(**hosts_tiny.tiny_host_inputs(proc, [synthetic_image(NEW_HOST_SIZES[0])]))
+        _NEW_HOSTS[name] = model, proc
+    return _NEW_HOSTS[name]
+
+
+def new_host_images():
+    """One image of each of ``NEW_HOST_SIZES``, different seeds."""
+    return [synthetic_image(s, seed=i) for i, s in enumerate(NEW_HOST_SIZES)]
+
+
 def tiny_mqt_folder(n_queries: int = 16) -> str:
     """A seeded random MQT projector for the tiny LLaVA-1.5 (vision 64 -> text 128), saved once per session."""
     if not _MQT_DIR:

@@ -3,7 +3,8 @@ image is the identity, ``remove`` restores exactly, a left-padded batch of two i
 ``generate`` and a second chat turn on the pruned cache equal a no-cache reference, the cost record matches torch's
 FlopCounterMode; methods a host cannot run are refused with the reason. Then facts of each host's adapter.
 
-A host is added to ``HOSTS`` (name -> builder returning (model, processor)); its refused methods go in ``REFUSED``.
+A host is added to ``HOSTS`` (the name of its ``vlprune.hosts_tiny.tiny_<name>`` builder); its refused methods go in
+``REFUSED``.
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import torch
 
 import vlprune
 from conftest import contract_kwargs, tiny_mqt_folder
+from conftest import new_host as built  # built once per session and run once
+from conftest import new_host_images as images
 from vlprune import hosts_tiny as H
 from vlprune.testing import synthetic_image
 
-HOSTS = {"llava_onevision": H.tiny_llava_onevision, "qwen2_vl": H.tiny_qwen2_vl, "qwen2_5_vl": H.tiny_qwen2_5_vl,
-         "qwen3_vl": H.tiny_qwen3_vl}
+HOSTS = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 QWEN_HOSTS = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
               "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 # (host, method) -> (why the host cannot run it, a pattern its error message must match)
@@ -34,24 +36,8 @@ REFUSED = {
 RUNS_WITH = {(h, "mustdrop"): {"merging": False} for h in QWEN_HOSTS}
 ALL = vlprune.list_methods()
 RUNS = [(h, n) for h in HOSTS for n in ALL if (h, n) not in REFUSED or (h, n) in RUNS_WITH]
-SIZES = [(112, 84), (168, 112)]  # (width, height): two image sizes in one batch
 N_NEW = 3
 KEEP = 16
-_BUILT: dict = {}
-
-
-def built(host):
-    """The host, built once and run once (transformers adds its output-capturing hooks on the first call)."""
-    if host not in _BUILT:
-        model, proc = HOSTS[host](seed=0)
-        with torch.no_grad():
-            model(**H.tiny_host_inputs(proc, [synthetic_image(SIZES[0])]))
-        _BUILT[host] = model, proc
-    return _BUILT[host]
-
-
-def images():
-    return [synthetic_image(s, seed=i) for i, s in enumerate(SIZES)]
 
 
 def _hook_count(model):

@@ -11,23 +11,14 @@ import torch
 
 import vlprune
 from conftest import drop_mask, greedy_reference
+from conftest import new_host as host
+from conftest import new_host_images as images
 from vlprune import hosts_tiny as H
 from vlprune.testing import synthetic_image
 
-BUILDERS = {"qwen2_vl": H.tiny_qwen2_vl, "qwen2_5_vl": H.tiny_qwen2_5_vl, "qwen3_vl": H.tiny_qwen3_vl}
-SIZES = [(112, 84), (168, 112)]
-TOKENS = {"qwen2_vl": [12, 24], "qwen2_5_vl": [12, 24], "qwen3_vl": [12, 20]}  # LLM tokens of each size (Qwen3: 32 px)
-_CACHE: dict = {}
-
-
-def host(name):
-    if name not in _CACHE:
-        _CACHE[name] = BUILDERS[name](seed=0)
-    return _CACHE[name]
-
-
-def images():
-    return [synthetic_image(s, seed=i) for i, s in enumerate(SIZES)]
+BUILDERS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# LLM tokens of each of NEW_HOST_SIZES (Qwen3: 32 px per merged token)
+TOKENS = {"qwen2_vl": [12, 24], "qwen2_5_vl": [12, 24], "qwen3_vl": [12, 20]}
 
 
 def one(proc, i):

@@ -8,27 +8,12 @@ import torch
 
 import vlprune
 from vlprune import hosts_tiny as H
+from conftest import new_host as host
+from conftest import new_host_images as images
 from vlprune.testing import synthetic_image
 
-BUILDERS = {
-    "qwen2_vl": H.tiny_qwen2_vl,
-    "qwen2_5_vl": H.tiny_qwen2_5_vl,
-    "llava_onevision": H.tiny_llava_onevision,
-    "qwen3_vl": H.tiny_qwen3_vl,
-}
+BUILDERS = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "qwen3_vl")
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-SIZES = [(112, 84), (168, 112)]  # (width, height): two different sizes in one batch
-_CACHE: dict = {}
-
-
-def host(name):
-    if name not in _CACHE:
-        _CACHE[name] = BUILDERS[name](seed=0)
-    return _CACHE[name]
-
-
-def images():
-    return [synthetic_image(s, seed=i) for i, s in enumerate(SIZES)]
 
 
 def image_token_id(model):
